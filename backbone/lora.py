@@ -1,0 +1,250 @@
+"""Per-task LoRA adapters on the q/k/v slices of a frozen fused ``attn.qkv`` (SPEC section 2).
+
+For target slice p and active adapters S, the layer adds ``sum_{i in S} w_i B_i A_i x`` where
+``w_i = coeff_i / n_i`` for frozen adapters (n_i: their norm in this block and slice, computed once)
+and ``w_t = coeff_t`` for the trainable current adapter. ``coeff`` comes from the gate each step.
+
+Adapter state is held per task (``lora_A``/``lora_B`` dicts keyed by task id, frozen vs trainable
+explicit through ``requires_grad``). The frozen active adapters are also kept concatenated along
+the rank axis, so the sum is one low-rank product whatever the number of tasks:
+
+- ``stacked``: h = x A^T (all ranks at once), y += (h * s) B^T. Cost ~ tokens x d x total rank.
+- ``merged``: a delta weight D = B diag(s) A per slice is formed each step and applied through
+  ``_DeltaLinear``, whose backward returns the gradient of D for the target slices only and keeps
+  no per-adapter activations. Cost ~ tokens x d^2 per slice, flat in the number of tasks.
+- ``loop``: one small product per adapter, norms recomputed every step: the published code's way,
+  kept as the reference for tests and benchmarks.
+- ``auto``: stacked or merged per call, by the cost model in ``prefer_stacked``.
+
+In eval mode the whole sum is merged into a cached copy of the qkv weight, so inference costs
+exactly what the plain ViT costs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SLICES = {"q": 0, "k": 1, "v": 2}
+STRATEGIES = ("auto", "stacked", "merged", "loop")
+
+
+class _DeltaLinear(torch.autograd.Function):
+    """y = x (W + D)^T + b, where D adds ``delta[p]`` to rows [o_p, o_p + d) and W, b are frozen.
+
+    The backward returns grad x and grad delta (one d x d block per slice) and nothing for W, so it
+    costs one extra d x d product per slice instead of a full weight gradient.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, weight, bias, delta, offsets):
+        w = weight.clone()
+        d = delta.shape[-1]
+        for p, o in enumerate(offsets):
+            w[o:o + d] += delta[p].to(w.dtype)
+        ctx.save_for_backward(x, w)
+        ctx.offsets = offsets
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        gx = g @ w.to(g.dtype) if ctx.needs_input_grad[0] else None
+        gd = None
+        if ctx.needs_input_grad[3]:
+            d = w.shape[1]
+            gd = torch.stack([g[:, o:o + d].t() @ x.to(g.dtype) for o in ctx.offsets])
+        return gx, None, None, gd, None
+
+
+def adapter_norm(A: torch.Tensor, B: torch.Tensor, kind: str) -> torch.Tensor:
+    """Norm of each slice's direction B A, per slice: (P,) for A (P, r, d) and B (P, d, r).
+
+    ``factors``: ||A||_F ||B||_F. ``frobenius``: ||B A||_F from r x r Gram matrices,
+    ||BA||_F^2 = trace((B^T B)(A A^T)), without forming the d x d product.
+    """
+    if kind == "factors":
+        return A.flatten(1).norm(dim=1) * B.flatten(1).norm(dim=1)
+    if kind == "frobenius":
+        gram = (B.transpose(1, 2) @ B) * (A @ A.transpose(1, 2))  # elementwise: trace(X Y) = sum X * Y^T
+        return gram.sum(dim=(1, 2)).clamp_min(0).sqrt()
+    raise ValueError(f"unknown direction_norm '{kind}'; use 'factors' or 'frobenius'")
+
+
+def prefer_stacked(tokens: int, dim: int, rank: int) -> bool:
+    """Cost model: stacked costs ~4 N d R per slice (forward and backward), merged ~N d^2 + 3 d^2 R.
+
+    N = tokens in the batch, d = width, R = total rank of the active adapters.
+    """
+    return 4 * tokens * rank < tokens * dim + 3 * dim * rank
+
+
+class LoRAQKV(nn.Module):
+    """A frozen fused qkv Linear (d -> 3d) with per-task low-rank adapters on some of its slices."""
+
+    def __init__(self, qkv: nn.Linear, targets: Sequence[str] = ("q", "v"), direction_norm: str = "factors",
+                 strategy: str = "auto"):
+        super().__init__()
+        if qkv.out_features != 3 * qkv.in_features:
+            raise ValueError(f"expected a fused qkv Linear(d, 3d), got {qkv}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown adapter strategy '{strategy}'; use one of {STRATEGIES}")
+        self.base = qkv
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.dim = qkv.in_features
+        self.targets = tuple(targets)
+        self.offsets = tuple(SLICES[t] * self.dim for t in self.targets)
+        self.direction_norm = direction_norm
+        self.strategy = strategy
+        self.lora_A = nn.ParameterDict()  # task id -> (P, r, d)
+        self.lora_B = nn.ParameterDict()  # task id -> (P, d, r)
+        self.frozen: list[int] = []       # active frozen adapters, in coefficient order
+        self.current: Optional[int] = None
+        P = len(self.targets)
+        ref = qkv.weight
+        self.register_buffer("_A_old", ref.new_zeros(P, 0, self.dim), persistent=False)
+        self.register_buffer("_B_old", ref.new_zeros(P, self.dim, 0), persistent=False)
+        self.register_buffer("_inv_norm", ref.new_zeros(P, 0), persistent=False)
+        self._ranks_old: list[int] = []
+        self.coeff: Optional[torch.Tensor] = None  # (n_frozen [+ 1],) set by the model every forward
+        self._merged: Optional[torch.Tensor] = None
+
+    # ---- adapter bookkeeping ------------------------------------------------------------------
+    def add_adapter(self, task: int, rank: int) -> None:
+        """A new trainable adapter: A Kaiming-uniform(a=sqrt(5)), B zeros, one pair per slice."""
+        P, d = len(self.targets), self.dim
+        A = torch.empty(P, rank, d, device=self.base.weight.device, dtype=self.base.weight.dtype)
+        for p in range(P):
+            nn.init.kaiming_uniform_(A[p], a=math.sqrt(5))
+        self.lora_A[str(task)] = nn.Parameter(A)
+        self.lora_B[str(task)] = nn.Parameter(torch.zeros(P, d, rank, device=A.device, dtype=A.dtype))
+
+    def configure(self, frozen: Sequence[int], current: Optional[int]) -> None:
+        """Set which adapters take part: frozen ones (stacked, norms computed now) and the current one.
+
+        Only the current adapter keeps ``requires_grad``; adapters not named cost nothing.
+        """
+        for k in self.lora_A:
+            train = current is not None and int(k) == current
+            self.lora_A[k].requires_grad_(train)
+            self.lora_B[k].requires_grad_(train)
+        self.frozen, self.current = list(frozen), current
+        self._merged = None
+        P = len(self.targets)
+        if not self.frozen:
+            self._A_old = self._A_old.new_zeros(P, 0, self.dim)
+            self._B_old = self._B_old.new_zeros(P, self.dim, 0)
+            self._inv_norm = self._inv_norm.new_zeros(P, 0)
+            self._ranks_old = []
+            return
+        with torch.no_grad():
+            As = [self.lora_A[str(i)].detach() for i in self.frozen]
+            Bs = [self.lora_B[str(i)].detach() for i in self.frozen]
+            self._A_old = torch.cat(As, dim=1).contiguous()
+            self._B_old = torch.cat(Bs, dim=2).contiguous()
+            norms = torch.stack([adapter_norm(a, b, self.direction_norm) for a, b in zip(As, Bs)], dim=1)
+            self._inv_norm = 1.0 / norms  # (P, n_frozen); a zero-norm frozen adapter gives inf -> NaN
+            self._ranks_old = [a.shape[1] for a in As]
+
+    @property
+    def n_active(self) -> int:
+        return len(self.frozen) + (self.current is not None)
+
+    @property
+    def total_rank(self) -> int:
+        cur = self.lora_A[str(self.current)].shape[1] if self.current is not None else 0
+        return sum(self._ranks_old) + cur
+
+    # ---- the adapter sum -----------------------------------------------------------------------
+    def _scales(self, coeff: torch.Tensor) -> torch.Tensor:
+        """Per-rank-row scales s (P, R): coeff_i / n_i for frozen adapters, coeff_t for the current."""
+        n_old = len(self.frozen)
+        parts = []
+        if n_old:
+            w_old = coeff[:n_old].to(self._inv_norm.dtype) * self._inv_norm  # (P, n_old)
+            reps = torch.tensor(self._ranks_old, device=w_old.device)
+            parts.append(torch.repeat_interleave(w_old, reps, dim=1, output_size=sum(self._ranks_old)))
+        if self.current is not None:
+            r = self.lora_A[str(self.current)].shape[1]
+            parts.append(coeff[n_old].to(self._A_old.dtype).expand(len(self.targets), r))
+        return torch.cat(parts, dim=1)
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All active adapters concatenated along the rank: A (P, R, d), B (P, d, R)."""
+        if self.current is None:
+            return self._A_old, self._B_old
+        k = str(self.current)
+        if not self.frozen:
+            return self.lora_A[k], self.lora_B[k]
+        return torch.cat([self._A_old, self.lora_A[k]], 1), torch.cat([self._B_old, self.lora_B[k]], 2)
+
+    def delta_weight(self, coeff: torch.Tensor) -> torch.Tensor:
+        """The adapters' weight change per slice, (P, d, d) = B diag(s) A."""
+        A, B = self._factors()
+        return torch.bmm(B * self._scales(coeff)[:, None, :], A)
+
+    def _forward_stacked(self, x2: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+        A, B = self._factors()
+        s = self._scales(coeff)
+        P, R = A.shape[0], A.shape[1]
+        h = x2 @ A.reshape(P * R, self.dim).t()  # (N, P*R): one product for every slice and adapter
+        out = self.base(x2)
+        d = self.dim
+        for p, o in enumerate(self.offsets):
+            hp = h[:, p * R:(p + 1) * R] * s[p]
+            out[:, o:o + d] += hp @ B[p].t()
+        return out
+
+    def _forward_merged(self, x2: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+        return _DeltaLinear.apply(x2, self.base.weight, self.base.bias, self.delta_weight(coeff), self.offsets)
+
+    def _forward_loop(self, x2: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+        """Reference: one small product per adapter, norms recomputed every step."""
+        out = self.base(x2)
+        d = self.dim
+        tasks = self.frozen + ([self.current] if self.current is not None else [])
+        for j, task in enumerate(tasks):
+            A, B = self.lora_A[str(task)], self.lora_B[str(task)]
+            norm = adapter_norm(A, B, self.direction_norm) if task != self.current else None
+            for p, o in enumerate(self.offsets):
+                w = coeff[j] / norm[p] if norm is not None else coeff[j]
+                out[:, o:o + d] = out[:, o:o + d] + w * ((x2 @ A[p].t()) @ B[p].t())
+        return out
+
+    def merge(self, coeff: torch.Tensor) -> None:
+        """Cache W + delta for inference; ``unmerge`` (or any reconfiguration) drops it."""
+        with torch.no_grad():
+            w = self.base.weight.detach().clone()
+            if self.n_active:
+                delta = self.delta_weight(coeff)
+                for p, o in enumerate(self.offsets):
+                    w[o:o + self.dim] += delta[p]
+            self._merged = w
+
+    def unmerge(self) -> None:
+        self._merged = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._merged is not None:
+            return F.linear(x, self._merged.to(x.dtype), self.base.bias)
+        if self.n_active == 0:
+            return self.base(x)
+        if self.coeff is None:
+            raise RuntimeError("LoRAQKV.coeff is unset: run the layer through its LoRAViT")
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        strategy = self.strategy
+        if strategy == "auto":
+            strategy = "stacked" if prefer_stacked(x2.shape[0], self.dim, self.total_rank) else "merged"
+        fwd = {"stacked": self._forward_stacked, "merged": self._forward_merged, "loop": self._forward_loop}
+        return fwd[strategy](x2, self.coeff).reshape(*shape[:-1], -1)
+
+    def extra_repr(self) -> str:
+        return (f"targets={self.targets}, adapters={len(self.lora_A)}, frozen_active={self.frozen}, "
+                f"current={self.current}, strategy={self.strategy}")

@@ -1,0 +1,130 @@
+"""Build a frozen timm ViT (hub, local file or random init) and put per-task adapters into it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import timm
+import torch
+from torch import nn
+
+from backbone.gate import AdapterGate
+from backbone.lora import LoRAQKV
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be built: unknown name, missing or unreadable weights."""
+
+
+def create_vit(name: str, pretrained: bool, pretrained_path: Optional[str], img_size: int,
+               kwargs: Optional[dict] = None) -> nn.Module:
+    """A timm ViT with no classifier (num_classes=0): weights from the hub, a local file, or random."""
+    if not timm.is_model(name):
+        near = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:5]
+        raise BackboneError(f"unknown timm model '{name}' (config key backbone_type); similar: {near}")
+    args = dict(pretrained=pretrained, num_classes=0, img_size=img_size, **(kwargs or {}))
+    if pretrained and pretrained_path:
+        if not Path(pretrained_path).is_file():
+            raise BackboneError(f"pretrained_path '{pretrained_path}' does not exist")
+        args["pretrained_cfg_overlay"] = dict(file=str(pretrained_path), custom_load=False)
+    try:
+        model = timm.create_model(name, **args)
+    except TypeError as e:
+        raise BackboneError(f"timm could not build '{name}' with {kwargs or {}} (config key backbone_kwargs): {e}")
+    except (RuntimeError, OSError, ValueError) as e:
+        where = pretrained_path or "the hub (needs internet; or set pretrained_path / pretrained false)"
+        raise BackboneError(f"could not load weights for '{name}' from {where}: {e}") from None
+    if not hasattr(model, "blocks") or not hasattr(model.blocks[0].attn, "qkv"):
+        raise BackboneError(f"'{name}' is not a ViT with fused attn.qkv layers")
+    return model
+
+
+class LoRAViT(nn.Module):
+    """A frozen ViT whose blocks' qkv carry per-task adapters weighted by a gate.
+
+    ``forward`` returns pooled features. Each training forward asks the gate for the coefficients
+    once (one Gumbel sample per step) and hands every block its row. In eval mode the adapters
+    are merged into the qkv weights on the first forward and stay merged until ``train()``.
+    """
+
+    def __init__(self, vit: nn.Module, gate: AdapterGate, targets: Sequence[str] = ("q", "v"),
+                 direction_norm: str = "factors", strategy: str = "auto"):
+        super().__init__()
+        self.vit = vit
+        for p in self.vit.parameters():
+            p.requires_grad_(False)
+        self.layers: list[LoRAQKV] = []  # views into vit.blocks (a plain list: no duplicate state keys)
+        for blk in self.vit.blocks:
+            blk.attn.qkv = LoRAQKV(blk.attn.qkv, targets, direction_norm, strategy)
+            self.layers.append(blk.attn.qkv)
+        self.gate = gate
+        self.last_beta: Optional[torch.Tensor] = None
+        self._merged = False
+
+    @property
+    def num_features(self) -> int:
+        return self.vit.num_features
+
+    def add_task(self, task: int, rank: int, alpha_init: float) -> None:
+        """Add task ``task``'s adapter to every block and make it the current, trainable one."""
+        self.gate.add_task(task, alpha_init)
+        for layer in self.layers:
+            layer.add_adapter(task, rank)
+        self.configure()
+
+    def configure(self) -> None:
+        """Push the gate's active set (mask, current) to every block; call after any change of it."""
+        frozen = self.gate.frozen_active()
+        cur = self.gate.current if self.gate._current_active() else None
+        for layer in self.layers:
+            layer.configure(frozen, cur)
+        self.unmerge()
+
+    def freeze_current(self) -> None:
+        """End of a task: the current adapter joins the frozen ones (norms computed once, here)."""
+        self.gate.current = None
+        self.configure()
+
+    def set_strategy(self, strategy: str) -> None:
+        for layer in self.layers:
+            layer.strategy = strategy
+
+    def _push_coefficients(self) -> None:
+        w, beta = self.gate.coefficients()
+        self.last_beta = beta
+        for i, layer in enumerate(self.layers):
+            layer.coeff = w[i if w.shape[0] > 1 else 0] if w is not None else None
+
+    def merge(self) -> None:
+        """Fold the adapters into per-block qkv weights for inference (deterministic gate)."""
+        was = self.gate.training
+        self.gate.eval()
+        with torch.no_grad():
+            w, _ = self.gate.coefficients()
+            for i, layer in enumerate(self.layers):
+                layer.merge(w[i if w.shape[0] > 1 else 0] if w is not None else None)
+        self.gate.train(was)
+        self._merged = True
+
+    def unmerge(self) -> None:
+        for layer in self.layers:
+            layer.unmerge()
+        self._merged = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            self.unmerge()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self._push_coefficients()
+        elif not self._merged:
+            self.merge()
+        return self.vit(x)
+
+    def adapter_param_count(self, tasks: Sequence[int]) -> int:
+        """Stored LoRA parameters of the given adapters, over every block and slice."""
+        return sum(layer.lora_A[str(t)].numel() + layer.lora_B[str(t)].numel()
+                   for layer in self.layers for t in tasks)

@@ -1,0 +1,140 @@
+"""Run a class-incremental experiment: python main.py --config=exps/sdlora_c100.json [--key value ...]
+
+Wiring only: read and check the config, load the data, build the method, run every seed.
+``--resume RUN_DIR`` continues an interrupted run from its last completed task.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from backbone.vit import BackboneError
+from models import get_learner
+from models.base import NonFiniteLoss
+from utils.config import Config, ConfigError, build_config, load_config, parse_overrides
+from utils.data_manager import DataManager
+from utils.datasets import DataError, load_dataset
+from utils.io import new_run_dir, save_json
+
+#: Keys a resumed run may change: they do not alter the experiment.
+RESUME_KEYS = {"max_tasks", "num_workers", "progress", "device"}
+
+
+def resolve_device(spec) -> torch.device:
+    """'auto', 'cpu', 'cuda', 'cuda:N', or the field's ["0"]; a missing GPU is an error, not a fallback."""
+    if isinstance(spec, list):
+        if len(spec) != 1:
+            raise ConfigError(f"config key 'device' = {spec}: one device per run; multi-GPU is not supported")
+        spec = spec[0]
+    if spec.isdigit():
+        spec = f"cuda:{spec}"
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"config key 'device' = '{spec}' is not a device (use auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device' = '{spec}' but no CUDA GPU is visible; use \"cpu\" or \"auto\"")
+    return dev
+
+
+def setup_logging(run_dir: Path) -> None:
+    logger = logging.getLogger("cl")
+    logger.setLevel(logging.INFO)
+    logger.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+    for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")):
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+    logger.propagate = False
+
+
+def make_data_manager(cfg: Config, data, seed: int) -> DataManager:
+    return DataManager(data, cfg.init_cls, cfg.increment, cfg.shuffle, seed, cfg.train_per_class,
+                       cfg.test_per_class, cfg.max_tasks)
+
+
+def run_seed(cfg: Config, seed: int, data, device: torch.device) -> Path:
+    """One seed of an experiment in a fresh run folder; returns the folder."""
+    run_dir = new_run_dir(cfg.log_dir, f"{cfg.prefix}_{cfg.dataset}_{cfg.model_name}_{seed}")
+    save_json(run_dir / "config.json", dict(cfg.to_dict(), seed=seed))
+    setup_logging(run_dir)
+    log = logging.getLogger("cl")
+    log.info(f"Run folder: {run_dir}")
+    log.info("Config: " + json.dumps(dict(cfg.to_dict(), seed=seed)))
+    dm = make_data_manager(cfg, data, seed)
+    log.info(f"Class order: {dm.order.tolist()}")
+    learner = get_learner(cfg.model_name)(cfg, device, run_dir, seed)
+    metrics = learner.run(dm)
+    log.info(f"Done: A_last {metrics['A_last']:.2f}, A_avg {metrics['A_avg']:.2f}, "
+             f"forgetting {metrics['forgetting']:.2f}; results in {run_dir}")
+    return run_dir
+
+
+def resume(run_dir: Path, overrides: dict) -> Path:
+    """Continue a run folder after its last completed task (checkpoints and metrics.json)."""
+    bad = sorted(set(overrides) - RESUME_KEYS)
+    if bad:
+        raise ConfigError(f"--resume cannot change {bad}: they alter the experiment; allowed: {sorted(RESUME_KEYS)}")
+    cfg_path, metrics_path = run_dir / "config.json", run_dir / "metrics.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"'{run_dir}' is not a run folder (no config.json)")
+    raw = json.loads(cfg_path.read_text())
+    raw.update(overrides)
+    cfg = build_config(raw)
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {"A": []}
+    done = len(metrics["A"]) - 1
+    setup_logging(run_dir)
+    log = logging.getLogger("cl")
+    seed = cfg.seeds[0]
+    data = load_dataset(cfg)
+    dm = make_data_manager(cfg, data, seed)
+    if done + 1 >= dm.n_tasks:
+        log.info(f"{run_dir}: all {dm.n_tasks} tasks are already done")
+        return run_dir
+    learner = get_learner(cfg.model_name)(cfg, resolve_device(cfg.device), run_dir, seed)
+    if done >= 0:
+        learner.restore(dm, done)
+        learner.metrics = metrics
+    log.info(f"Resuming {run_dir} at task {done + 1}/{dm.n_tasks}")
+    learner.run(dm, start=done + 1)
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Any config key can be overridden: --epochs 1 --pretrained false "
+                                            "--lora_targets '[\"q\",\"v\"]' (values are read as JSON).")
+    parser.add_argument("--config", help="JSON config file (see exps/)")
+    parser.add_argument("--resume", help="run folder to continue after its last completed task")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        overrides = parse_overrides(rest)
+        if args.resume:
+            resume(Path(args.resume), overrides)
+            return 0
+        if not args.config:
+            parser.error("--config is required (for example --config=exps/demo.json)")
+        cfg = load_config(args.config, overrides)
+        device = resolve_device(cfg.device)
+        data = load_dataset(cfg)
+        for seed in cfg.seeds:
+            run_seed(replace(cfg, seed=seed), seed, data, device)
+    except (ConfigError, DataError, BackboneError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""The task loop every method shares: build the network, train a task, evaluate, save, resume.
+
+A method (one file in models/) subclasses ``Learner`` and overrides a few hooks: which gate it
+uses, its alpha default, what trains in a task (``train_task``), what happens at the end of a task
+(``end_task``) and what extra it saves. Everything else (data loaders, the epoch loop, masked
+cross-entropy, metrics, safetensors checkpoints, resuming) lives here once.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, ClassVar, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from backbone.gate import AdapterGate
+from backbone.head import GrowingHead
+from backbone.vit import LoRAViT, create_vit
+from utils.config import Config
+from utils.data_manager import DataManager
+from utils.io import load_tensors, save_json, save_tensors
+from utils.metrics import summarize, topk_correct
+from utils.optim import build_optimizer, build_scheduler
+from utils.transforms import build_transforms
+
+log = logging.getLogger("cl")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite; earlier tasks' results are already saved."""
+
+
+def task_seed(seed: int, task: int) -> int:
+    """Each task starts from its own seed, so a resumed run retraces an uninterrupted one."""
+    return seed + 7919 * task
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(_: int) -> None:
+    s = torch.initial_seed() % 2**32
+    random.seed(s)
+    np.random.seed(s)
+
+
+class Net(nn.Module):
+    """Backbone features followed by the growing linear head."""
+
+    def __init__(self, backbone: LoRAViT, head: GrowingHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+class Learner:
+    """Class-incremental training of a frozen ViT with per-task adapters and a growing head."""
+
+    name: ClassVar[str] = "base"
+    uses_adapters: ClassVar[bool] = True
+    default_alpha: ClassVar[float] = 0.8
+
+    def __init__(self, cfg: Config, device: torch.device, run_dir: Path, seed: int):
+        self.cfg, self.device, self.run_dir, self.seed = cfg, device, Path(run_dir), seed
+        self._check_device()
+        vit = create_vit(cfg.backbone_type, cfg.pretrained, cfg.pretrained_path, cfg.img_size, cfg.backbone_kwargs)
+        gate = self.make_gate(len(vit.blocks))
+        backbone = LoRAViT(vit, gate, cfg.lora_targets, cfg.direction_norm, cfg.adapter_strategy)
+        self.net = Net(backbone, GrowingHead(backbone.num_features)).to(device)
+        mean = vit.pretrained_cfg.get("mean") if cfg.normalize else None
+        std = vit.pretrained_cfg.get("std") if cfg.normalize else None
+        self.train_tf, self.test_tf = build_transforms(cfg.img_size, cfg.crop_scale, mean, std)
+        self.metrics: dict = {k: [] for k in (
+            "accuracy_matrix", "A", "old_accuracy", "new_accuracy", "top5", "active_adapters",
+            "adapter_params", "train_seconds", "eval_seconds")}
+        if cfg.compile:
+            self.net.backbone.vit = torch.compile(self.net.backbone.vit)
+
+    # ---- hooks a method overrides ---------------------------------------------------------------
+    def make_gate(self, n_layers: int) -> AdapterGate:
+        return AdapterGate(n_layers)
+
+    @property
+    def alpha_init(self) -> float:
+        return self.cfg.alpha_init if self.cfg.alpha_init is not None else self.default_alpha
+
+    def rank(self, task: int) -> int:
+        """The adapter rank of a task: lora_rank, or the rank_schedule entry in force."""
+        sched = self.cfg.rank_schedule
+        if not sched:
+            return self.cfg.lora_rank
+        return [r for first, r in sched if first <= task][-1]
+
+    def begin_task(self, task: int, n_new_classes: int) -> None:
+        """Grow the head; add this task's adapter (and reset alphas if configured)."""
+        self.net.head.expand(n_new_classes)
+        self.net.head.to(self.device)
+        if self.uses_adapters:
+            if self.cfg.alpha_reset_each_task:
+                self.gate.reset_alphas(self.alpha_init)
+            self.net.backbone.add_task(task, self.rank(task), self.alpha_init)
+            self.net.to(self.device)
+
+    def train_task(self, task: int, loader: DataLoader) -> None:
+        """Default: one phase training every trainable tensor with the configured optimiser."""
+        self.fit(task, loader, self.param_groups(), self.epochs(task), desc=f"Task {task}")
+
+    def end_task(self, task: int) -> None:
+        """Freeze the task's adapter: from now on it is one of the stacked, frozen ones."""
+        if self.uses_adapters:
+            self.net.backbone.freeze_current()
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Method-specific tensors saved in each task's checkpoint."""
+        return {}
+
+    def load_extra_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    # ---- shared pieces ---------------------------------------------------------------------------
+    @property
+    def gate(self) -> AdapterGate:
+        return self.net.backbone.gate
+
+    def _check_device(self) -> None:
+        if self.device.type != "cuda" and (self.cfg.amp or self.cfg.compile):
+            raise ValueError("config keys 'amp' and 'compile' need a CUDA device; set them to false on "
+                             f"'{self.device}'")
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = self.cfg.tf32
+            torch.backends.cudnn.allow_tf32 = self.cfg.tf32
+
+    def epochs(self, task: int) -> int:
+        return self.cfg.init_epoch if task == 0 and self.cfg.init_epoch else self.cfg.epochs
+
+    def _task_opt_settings(self, task: int) -> dict:
+        c = self.cfg
+        first = task == 0
+        pick = lambda init, base: init if first and init is not None else base  # noqa: E731
+        return dict(lr=pick(c.init_lr, c.lrate), weight_decay=pick(c.init_weight_decay, c.weight_decay),
+                    milestones=pick(c.init_milestones, c.milestones), decay=pick(c.init_lr_decay, c.lrate_decay))
+
+    def param_groups(self) -> list[dict]:
+        """One group of every tensor that requires grad (adapter, alphas, head...)."""
+        return [{"params": [p for p in self.net.parameters() if p.requires_grad]}]
+
+    def task_loss(self, logits: torch.Tensor, y: torch.Tensor, task: int, lo: int) -> torch.Tensor:
+        """Cross-entropy; on tasks > 0 over the current task's logits only (``mask_old_logits``)."""
+        if task > 0 and self.cfg.mask_old_logits:
+            return F.cross_entropy(logits[:, lo:], y - lo)
+        return F.cross_entropy(logits, y)
+
+    def _autocast(self):
+        if self.cfg.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def loader(self, dataset, train: bool, task: int) -> DataLoader:
+        g = torch.Generator().manual_seed(task_seed(self.seed, task))
+        workers = self.cfg.num_workers
+        bs = self.cfg.batch_size if train else (self.cfg.eval_batch_size or 2 * self.cfg.batch_size)
+        return DataLoader(dataset, batch_size=bs, shuffle=train, drop_last=False, num_workers=workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                          worker_init_fn=_seed_worker, generator=g,
+                          prefetch_factor=4 if workers > 0 else None)
+
+    def fit(self, task: int, loader: DataLoader, groups: list[dict], epochs: int, desc: str,
+            extra_loss: Optional[Callable[[], torch.Tensor]] = None,
+            on_step: Optional[Callable[[], None]] = None, lr: Optional[float] = None) -> None:
+        """The epoch loop: masked CE (+ extra_loss), optimiser and schedule from the config.
+
+        One host-device sync per epoch (the loss check and the log line), none per step.
+        """
+        s = self._task_opt_settings(task)
+        opt = build_optimizer(self.cfg.optimizer, groups, lr or s["lr"], s["weight_decay"], self.cfg.momentum)
+        sched = build_scheduler(self.cfg.scheduler, opt, epochs, s["milestones"], s["decay"], self.cfg.min_lr)
+        lo = self.net.head.out_features - self._n_new
+        seen_lo = lo if task > 0 and self.cfg.mask_old_logits else 0  # train accuracy over the logits the loss sees
+        for epoch in range(epochs):
+            self.net.train()
+            loss_sum = torch.zeros((), device=self.device)
+            correct = torch.zeros((), device=self.device, dtype=torch.long)
+            seen = 0
+            bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False,
+                       disable=not self.cfg.progress)
+            for x, y in bar:
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                if on_step is not None:
+                    on_step()
+                with self._autocast():
+                    logits = self.net(x)
+                    loss = self.task_loss(logits.float(), y, task, lo)
+                    if extra_loss is not None:
+                        loss = loss + extra_loss()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.detach()[:, seen_lo:].argmax(1) + seen_lo == y).sum()
+                seen += len(y)
+            sched.step()
+            mean_loss = float(loss_sum) / max(seen, 1)
+            if not math.isfinite(mean_loss):
+                raise NonFiniteLoss(
+                    f"{desc}: the loss became {mean_loss} in epoch {epoch + 1}; results of earlier tasks "
+                    f"are saved in {self.run_dir}. Lower 'lrate' or check the data.")
+            log.info(f"{desc}, Epoch {epoch + 1}/{epochs} => Loss {mean_loss:.3f}, "
+                     f"Train_accy {100.0 * float(correct) / max(seen, 1):.2f}")
+
+    @torch.no_grad()
+    def evaluate(self, dm: DataManager, task: int) -> dict:
+        """Top-1 per task, overall, old/new and top-5 on every seen class's test images."""
+        self.net.eval()
+        loader = self.loader(dm.test_set(task, self.test_tf), train=False, task=task)
+        preds, labels, top5 = [], [], 0
+        for x, y in tqdm(loader, desc=f"Eval task {task}", leave=False, disable=not self.cfg.progress):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.net(x).float()
+            preds.append(logits.argmax(1))
+            labels.append(y)
+            top5 += topk_correct(logits, y, 5)
+        pred = torch.cat(preds).cpu().numpy()
+        y = torch.cat(labels).cpu().numpy()
+        hit = pred == y
+        tasks_of = dm.task_of_label(y)
+        per_task = [100.0 * float(hit[tasks_of == j].mean()) for j in range(task + 1)]
+        lo = dm.task_range(task)[0]
+        old = hit[y < lo]
+        return {
+            "per_task": per_task,
+            "total": 100.0 * float(hit.mean()),
+            "old": 100.0 * float(old.mean()) if old.size else None,
+            "new": 100.0 * float(hit[y >= lo].mean()),
+            "top5": 100.0 * top5 / len(y),
+            "grouped": self._grouped(hit, y, dm, task),
+        }
+
+    @staticmethod
+    def _grouped(hit: np.ndarray, y: np.ndarray, dm: DataManager, task: int) -> dict:
+        out = {}
+        for j in range(task + 1):
+            a, b = dm.task_range(j)
+            sel = (y >= a) & (y < b)
+            out[f"{a:02d}-{b - 1:02d}"] = round(100.0 * float(hit[sel].mean()), 2)
+        return out
+
+    # ---- bookkeeping: metrics and checkpoints --------------------------------------------------
+    def active_adapters(self) -> list[int]:
+        return self.gate.active_tasks() if self.uses_adapters else []
+
+    def record(self, task: int, res: dict, train_s: float, eval_s: float) -> None:
+        m = self.metrics
+        m["accuracy_matrix"].append(res["per_task"])
+        m["A"].append(res["total"])
+        m["old_accuracy"].append(res["old"])
+        m["new_accuracy"].append(res["new"])
+        m["top5"].append(res["top5"])
+        active = self.active_adapters()
+        m["active_adapters"].append(len(active))
+        m["adapter_params"].append(self.net.backbone.adapter_param_count(active))
+        m["train_seconds"].append(train_s)
+        m["eval_seconds"].append(eval_s)
+        m.update(summarize(m["accuracy_matrix"], m["A"]))
+        save_json(self.run_dir / "metrics.json", m)
+        grouped = dict(res["grouped"], total=round(res["total"], 2),
+                       old=None if res["old"] is None else round(res["old"], 2), new=round(res["new"], 2))
+        log.info(f"CNN: {grouped}")
+        log.info(f"CNN top1 curve: {[round(a, 2) for a in m['A']]}")
+        log.info(f"CNN top5 curve: {[round(a, 2) for a in m['top5']]}")
+        log.info(f"Average Accuracy (CNN): {m['A_avg']:.2f}")
+        log.info("Accuracy matrix (row t: accuracy on tasks 0..t after task t):\n" + "\n".join(
+            " ".join(f"{a:6.2f}" for a in row) for row in m["accuracy_matrix"]))
+        log.info(f"Forgetting (CNN): {m['forgetting']:.2f}")
+        if self.uses_adapters:
+            log.info(f"Active adapters: {len(active)}/{task + 1}, stored adapter parameters: "
+                     f"{m['adapter_params'][-1]:,}")
+
+    def checkpoint_tensors(self, task: int) -> dict[str, torch.Tensor]:
+        """Task ``task``'s adapter, the whole head and the gate, as plain tensors."""
+        t = {"head.weight": self.net.head.weight, "head.bias": self.net.head.bias}
+        if self.uses_adapters:
+            for i, layer in enumerate(self.net.backbone.layers):
+                t[f"adapter.{i}.A"] = layer.lora_A[str(task)]
+                t[f"adapter.{i}.B"] = layer.lora_B[str(task)]
+            t["gate.alpha"] = self.gate.alphas(list(range(self.gate.n_tasks)))
+            t["gate.pruning_mask"] = self.gate.pruning_mask
+        t.update(self.extra_tensors())
+        return t
+
+    def save_task(self, task: int) -> None:
+        if self.cfg.save_adapters:
+            save_tensors(self.run_dir / f"task_{task}.safetensors", self.checkpoint_tensors(task),
+                         metadata={"task": str(task), "model_name": self.cfg.model_name})
+
+    def restore(self, dm: DataManager, done: int) -> None:
+        """Rebuild the state after tasks 0..done from a run folder's task checkpoints.
+
+        Structure is replayed (head growth, adapters) and every tensor is loaded; no method
+        decision (pruning, ...) is taken again: the last checkpoint's mask and gate are used.
+        """
+        for task in range(done + 1):
+            self._n_new = dm.sizes[task]
+            self.begin_task(task, dm.sizes[task])
+            ck = load_tensors(self.run_dir / f"task_{task}.safetensors")
+            if self.uses_adapters:
+                with torch.no_grad():
+                    for i, layer in enumerate(self.net.backbone.layers):
+                        layer.lora_A[str(task)].copy_(ck[f"adapter.{i}.A"])
+                        layer.lora_B[str(task)].copy_(ck[f"adapter.{i}.B"])
+                self.gate.current = None
+        with torch.no_grad():
+            self.net.head.weight.copy_(ck["head.weight"])
+            self.net.head.bias.copy_(ck["head.bias"])
+            if self.uses_adapters:
+                for t, a in enumerate(ck["gate.alpha"]):
+                    self.gate.alpha[str(t)].fill_(float(a))
+                self.gate.pruning_mask.copy_(ck["gate.pruning_mask"].to(self.device))
+                self.load_extra_tensors(ck)
+        if self.uses_adapters:
+            self.net.backbone.configure()
+
+    # ---- the task loop ---------------------------------------------------------------------------
+    def run(self, dm: DataManager, start: int = 0) -> dict:
+        """Train and evaluate tasks ``start``..end; metrics.json and checkpoints after every task."""
+        for task in range(start, dm.n_tasks):
+            seed_everything(task_seed(self.seed, task))
+            lo, hi = dm.task_range(task)
+            self._n_new = hi - lo
+            log.info(f"Learning on {lo}-{hi} (task {task + 1}/{dm.n_tasks})")
+            self.begin_task(task, hi - lo)
+            t0 = time.perf_counter()
+            self.train_task(task, self.loader(dm.train_set(task, self.train_tf), train=True, task=task))
+            self.end_task(task)
+            t1 = time.perf_counter()
+            res = self.evaluate(dm, task)
+            t2 = time.perf_counter()
+            self.record(task, res, t1 - t0, t2 - t1)
+            self.save_task(task)
+        return self.metrics

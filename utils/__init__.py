@@ -1,0 +1,1 @@
+"""Project-independent helpers: config schema, data, pure math, I/O. Imports nothing of the project."""

@@ -1,0 +1,339 @@
+"""The typed config schema: every key, its default and its check, in one place.
+
+A run's config is a JSON file plus ``--key value`` overrides. Unknown keys, ill-typed values,
+values outside their choices and keys the chosen method does not use stop the run before any
+work, with a message that names the key and the fix. The resolved config is saved with every run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+GUMBEL = ("gumbel_sdlora",)
+LORA_METHODS = ("sdlora", "sdlora_rr", "gumbel_sdlora")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run, with a message that says which key and how to fix it."""
+
+
+def _key(default: Any, help: str, methods: tuple[str, ...] = (), check=None, default_factory=None):
+    """A schema entry: default, one line of help, the methods that use it, an extra value check."""
+    meta = {"help": help, "methods": methods, "check": check}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _positive(v) -> Optional[str]:
+    return None if v is None or v > 0 else "must be > 0"
+
+
+def _non_negative(v) -> Optional[str]:
+    return None if v is None or v >= 0 else "must be >= 0"
+
+
+def _fraction(v) -> Optional[str]:
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+def _zero(v) -> Optional[str]:
+    return None if not v else "rehearsal is not supported by these methods; set it to 0 (or false)"
+
+
+def _targets(v) -> Optional[str]:
+    bad = [t for t in v if t not in ("q", "k", "v")]
+    if bad or not v or len(set(v)) != len(v):
+        return 'must be a non-empty list of distinct "q", "k", "v"'
+    return None
+
+
+def _scale(v) -> Optional[str]:
+    return None if len(v) == 2 and 0 < v[0] <= v[1] <= 1 else "must be [min, max] with 0 < min <= max <= 1"
+
+
+def _rank_schedule(v) -> Optional[str]:
+    if v is None:
+        return None
+    ok = all(isinstance(p, list) and len(p) == 2 and all(isinstance(i, int) for i in p) for p in v)
+    if not ok or not v or v[0][0] != 0 or any(b[0] <= a[0] for a, b in zip(v, v[1:])) or any(p[1] <= 0 for p in v):
+        return "must be [[first_task, rank], ...] starting at task 0, tasks increasing, ranks > 0"
+    return None
+
+
+@dataclass
+class Config:
+    """Every key a run understands. Familiar keys of the field (PILOT / SD-LoRA) keep their names."""
+
+    # --- run -------------------------------------------------------------------------------
+    prefix: str = _key("run", "name prefix of the run folder")
+    model_name: Literal["sdlora", "sdlora_rr", "gumbel_sdlora", "linear_probe"] = _key(
+        "sdlora", "the method (models/ registry)")
+    seed: Union[int, list[int]] = _key(1993, "seed, or a list of seeds run one after another")
+    device: Union[str, list[str]] = _key(
+        "auto", '"auto" (cuda if available), "cpu", "cuda", "cuda:N", or the field\'s ["0"]')
+    log_dir: str = _key("logs", "runs are written to log_dir/<prefix>_<dataset>_<model>_<seed>_<time>")
+    num_workers: int = _key(2, "DataLoader workers", check=_non_negative)
+    progress: bool = _key(True, "tqdm progress bars")
+    save_adapters: bool = _key(True, "save per-task adapter, gate and head tensors (safetensors)")
+    max_tasks: Optional[int] = _key(None, "stop after this many tasks (quick runs)", check=_positive)
+
+    # --- data ------------------------------------------------------------------------------
+    dataset: Literal["cifar100", "cifar224", "imagenetr", "imageneta", "cub", "domainnet", "synthetic"] = _key(
+        "cifar100", "cifar224 is the field's name for CIFAR-100 at 224 px")
+    data_path: Optional[str] = _key(None, "dataset folder or .npz file (default data/<dataset>)")
+    download: bool = _key(False, "allow torchvision to download CIFAR-100 when data_path has no copy")
+    shuffle: bool = _key(True, "shuffle the class order with seed")
+    init_cls: int = _key(10, "classes in the first task", check=_positive)
+    increment: int = _key(10, "classes per later task", check=_positive)
+    train_per_class: Optional[int] = _key(None, "keep this many training images per class", check=_positive)
+    test_per_class: Optional[int] = _key(None, "keep this many test images per class", check=_positive)
+    synthetic_classes: int = _key(10, "classes of the generated dataset", check=_positive)
+    img_size: int = _key(224, "input resolution of the ViT", check=_positive)
+    normalize: bool = _key(False, "mean/std normalisation with the backbone's statistics (SD-LoRA: off)")
+    crop_scale: list[float] = _key(None, "RandomResizedCrop scale range",
+                                   default_factory=lambda: [0.05, 1.0], check=_scale)
+    memory_size: int = _key(0, "rehearsal memory (not supported: must be 0)", check=_zero)
+    memory_per_class: int = _key(0, "rehearsal memory (not supported: must be 0)", check=_zero)
+    fixed_memory: bool = _key(False, "rehearsal memory (not supported: must be false)", check=_zero)
+
+    # --- backbone and adapters -------------------------------------------------------------
+    backbone_type: str = _key("vit_base_patch16_224.augreg_in21k", "any timm ViT name")
+    pretrained: bool = _key(True, "load pretrained weights (timm hub, or pretrained_path)")
+    pretrained_path: Optional[str] = _key(None, "local weights file (.safetensors / .pth) for backbone_type")
+    backbone_kwargs: dict = _key(None, "extra timm.create_model arguments (depth, patch_size, ...)",
+                                 default_factory=dict)
+    lora_rank: int = _key(10, "rank of each task's adapter", LORA_METHODS, check=_positive)
+    rank_schedule: Optional[list] = _key(
+        None, "SD-LoRA-RR: [[first_task, rank], ...]; sdlora_rr defaults to [[0,10],[4,8],[8,6]]",
+        LORA_METHODS, check=_rank_schedule)
+    lora_targets: list[str] = _key(None, "slices of attn.qkv that get adapters", LORA_METHODS,
+                                   default_factory=lambda: ["q", "v"], check=_targets)
+    direction_norm: Literal["factors", "frobenius"] = _key(
+        "factors", "old adapters divided by ||A||_F*||B||_F or by ||BA||_F", LORA_METHODS)
+    alpha_init: Optional[float] = _key(None, "initial magnitude (default 0.8 SD-LoRA, 1.0 Gumbel)", LORA_METHODS,
+                                     check=_positive)
+    alpha_reset_each_task: bool = _key(True, "re-initialise every alpha at each new task", LORA_METHODS)
+    adapter_strategy: Literal["auto", "stacked", "merged", "loop"] = _key(
+        "auto", "how the adapter sum is computed in training (auto: cost model per shape)", LORA_METHODS)
+
+    # --- optimisation ----------------------------------------------------------------------
+    optimizer: Literal["sgd", "adam", "adamw"] = _key("sgd", "optimiser")
+    momentum: float = _key(0.9, "SGD momentum", check=_non_negative)
+    lrate: float = _key(8e-3, "learning rate", check=_positive)
+    weight_decay: float = _key(0.0, "weight decay", check=_non_negative)
+    scheduler: Literal["constant", "cosine", "multistep"] = _key("constant", "learning-rate schedule per task")
+    min_lr: float = _key(0.0, "cosine: final learning rate", check=_non_negative)
+    milestones: list[int] = _key(None, "multistep: epochs at which lr *= lrate_decay", default_factory=list)
+    lrate_decay: float = _key(0.1, "multistep decay factor", check=_non_negative)
+    epochs: int = _key(20, "epochs per task", check=_positive)
+    batch_size: int = _key(128, "training batch size", check=_positive)
+    eval_batch_size: Optional[int] = _key(None, "evaluation batch size (default 2 x batch_size)", check=_positive)
+    init_epoch: Optional[int] = _key(None, "task 0 epochs (default: epochs)", check=_positive)
+    init_lr: Optional[float] = _key(None, "task 0 learning rate (default: lrate)", check=_positive)
+    init_milestones: Optional[list[int]] = _key(None, "task 0 milestones (default: milestones)")
+    init_lr_decay: Optional[float] = _key(None, "task 0 decay (default: lrate_decay)", check=_non_negative)
+    init_weight_decay: Optional[float] = _key(None, "task 0 weight decay (default: weight_decay)",
+                                              check=_non_negative)
+    mask_old_logits: bool = _key(True, "tasks > 0: cross-entropy over the current task's logits only")
+    amp: bool = _key(False, "bf16 autocast (CUDA only)")
+    compile: bool = _key(False, "torch.compile the backbone (CUDA only)")
+    tf32: bool = _key(True, "allow TF32 matmuls on CUDA")
+
+    # --- Gumbel CL-LoRA (SPEC section 3) ---------------------------------------------------
+    gumbel_tau_init: float = _key(5.0, "initial temperature", GUMBEL, check=_positive)
+    gumbel_tau_final: float = _key(0.5, "final temperature", GUMBEL, check=_positive)
+    gumbel_anneal_rate: float = _key(0.999, "tau decays by this factor per optimiser step", GUMBEL,
+                                     check=_fraction)
+    lambda_sparsity: float = _key(0.1, "weight of the entropy sparsity term", GUMBEL, check=_non_negative)
+    sparsity_eps: float = _key(1e-8, "eps inside log(beta + eps)", GUMBEL, check=_positive)
+    gate_scope: Literal["all", "previous"] = _key("all", "gate the current adapter too, or only old ones", GUMBEL)
+    gate_granularity: Literal["task", "layer"] = _key("task", "one beta for all blocks, or one per block", GUMBEL)
+    two_phase: bool = _key(True, "phase 1 selection, then phase 2 magnitudes and new adapter", GUMBEL)
+    phase1_fraction: float = _key(0.6, "share of epochs in phase 1 (rounded up)", GUMBEL, check=_fraction)
+    alpha_lr: float = _key(0.04, "phase 2 learning rate of alpha", GUMBEL, check=_positive)
+    lambda_alpha: float = _key(1e-4, "phase 2 weight of sum(alpha^2)", GUMBEL, check=_non_negative)
+    prune_rule: Literal["threshold", "frequency"] = _key("threshold", "how the growth decision is made", GUMBEL)
+    growth_threshold: float = _key(1e-6, "threshold rule: prune if beta <= this", GUMBEL, check=_non_negative)
+    prune_samples: int = _key(10, "frequency rule: Gumbel samples", GUMBEL, check=_positive)
+    prune_threshold: float = _key(0.2, "frequency rule: prune if selection frequency < this", GUMBEL,
+                                  check=_non_negative)
+    prune_scope: Literal["all", "new"] = _key("all", "which adapters may be pruned", GUMBEL)
+
+    # ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.seed) if isinstance(self.seed, list) else [self.seed]
+
+
+#: Keys of the published configs that mean nothing here, with what to do instead.
+RENAMED = {
+    "filepath": 'use "log_dir": every run writes masks and beta logs into its own run folder',
+    "convnet_type": 'use "backbone_type"',
+    "tuned_epoch": 'use "epochs" (and "init_epoch" for task 0)',
+    "lr": 'use "lrate"',
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a JSON value matches a schema type hint (ints are accepted where floats are)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if hint is list:
+        return isinstance(value, list)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    raise TypeError(f"unsupported schema type {hint!r}")
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in typing.get_args(hint))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+HINTS = typing.get_type_hints(Config)
+
+
+def _unknown_key_message(key: str) -> str:
+    if key in RENAMED:
+        return f"config key '{key}' is not used here: {RENAMED[key]}"
+    near = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
+    hint = f" Did you mean '{near[0]}'?" if near else " See utils/config.py for every key."
+    return f"unknown config key '{key}'.{hint}"
+
+
+def build_config(raw: dict) -> Config:
+    """Check a dict of keys against the schema and return the resolved Config, or raise ConfigError."""
+    errors = []
+    for key, value in raw.items():
+        if key not in FIELDS:
+            errors.append(_unknown_key_message(key))
+            continue
+        hint = HINTS[key]
+        if not _type_ok(value, hint):
+            errors.append(f"config key '{key}' = {json.dumps(value)} should be {_describe(hint)}")
+            continue
+        check = FIELDS[key].metadata["check"]
+        problem = check(value) if check else None
+        if problem:
+            errors.append(f"config key '{key}' = {json.dumps(value)} {problem}")
+    if errors:
+        raise ConfigError("\n".join(errors))
+    cfg = Config(**raw)
+    errors = [
+        f"config key '{key}' is not used by model_name '{cfg.model_name}' (it belongs to "
+        f"{', '.join(FIELDS[key].metadata['methods'])}); remove it"
+        for key in raw
+        if FIELDS[key].metadata["methods"] and cfg.model_name not in FIELDS[key].metadata["methods"]
+    ]
+    errors += _cross_checks(cfg, raw)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return cfg
+
+
+def _cross_checks(cfg: Config, raw: dict) -> list[str]:
+    errs = []
+    if cfg.scheduler != "multistep" and ("milestones" in raw or "init_milestones" in raw):
+        errs.append("config keys 'milestones'/'init_milestones' only apply to \"scheduler\": \"multistep\"")
+    if cfg.scheduler != "cosine" and "min_lr" in raw and cfg.min_lr:
+        errs.append("config key 'min_lr' only applies to \"scheduler\": \"cosine\"")
+    if cfg.optimizer != "sgd" and "momentum" in raw:
+        errs.append("config key 'momentum' only applies to \"optimizer\": \"sgd\"")
+    if cfg.pretrained_path and not cfg.pretrained:
+        errs.append("config key 'pretrained_path' is set but 'pretrained' is false; set pretrained to true")
+    if cfg.model_name == "gumbel_sdlora":
+        if cfg.gumbel_tau_final > cfg.gumbel_tau_init:
+            errs.append("config key 'gumbel_tau_final' must be <= 'gumbel_tau_init'")
+        if "prune_samples" in raw and cfg.prune_rule != "frequency":
+            errs.append("config key 'prune_samples' only applies to \"prune_rule\": \"frequency\"")
+        if "prune_threshold" in raw and cfg.prune_rule != "frequency":
+            errs.append("config key 'prune_threshold' only applies to \"prune_rule\": \"frequency\"")
+        if cfg.prune_scope == "new" and cfg.gate_scope == "previous":
+            errs.append('"prune_scope": "new" with "gate_scope": "previous" can never prune (the new adapter '
+                        'is not gated); use "prune_scope": "all" or "gate_scope": "all"')
+        if "growth_threshold" in raw and cfg.prune_rule != "threshold":
+            errs.append("config key 'growth_threshold' only applies to \"prune_rule\": \"threshold\"")
+    return errs
+
+
+def parse_value(text: str) -> Any:
+    """Command-line values are JSON where they parse (numbers, booleans, lists), plain strings otherwise."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``--key value`` and ``--key=value`` pairs into a dict; raises ConfigError on a stray token."""
+    out, i = {}, 0
+    while i < len(args):
+        tok = args[i]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise ConfigError(f"unexpected argument '{tok}': overrides are written --key value")
+        if "=" in tok:
+            key, value = tok[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override '{tok}' has no value: write {tok} VALUE")
+            key, value = tok[2:], args[i + 1]
+            i += 2
+        out[key.replace("-", "_")] = parse_value(value)
+    return out
+
+
+def load_config(path: Optional[str], overrides: Optional[dict] = None) -> Config:
+    """Read a JSON config file (or none), apply overrides (the command line wins), and check it."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            raw = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file '{path}' is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}' must hold a JSON object of keys")
+    raw.update(overrides or {})
+    return build_config(raw)

@@ -1,0 +1,118 @@
+"""Class order, task splits and per-task datasets for class-incremental learning (SPEC section 1)."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from utils.datasets import SplitData
+
+
+def class_order(n_classes: int, shuffle: bool, seed: int) -> np.ndarray:
+    """The class order: RandomState(seed).permutation(n) with shuffle, else 0..n-1."""
+    if not shuffle:
+        return np.arange(n_classes)
+    return np.random.RandomState(seed).permutation(n_classes)
+
+
+def task_sizes(n_classes: int, init_cls: int, increment: int) -> list[int]:
+    """init_cls classes, then increment per task; the last task takes what remains."""
+    if init_cls > n_classes:
+        raise ValueError(f"init_cls={init_cls} is larger than the dataset's {n_classes} classes")
+    sizes = [init_cls]
+    left = n_classes - init_cls
+    sizes += [increment] * (left // increment)
+    if left % increment:
+        sizes.append(left % increment)
+    return sizes
+
+
+def _per_class_subset(y: np.ndarray, k: Optional[int], seed: int) -> np.ndarray:
+    """Indices keeping at most k items of each class, chosen by a seeded permutation."""
+    if k is None:
+        return np.arange(len(y))
+    perm = np.random.RandomState(seed).permutation(len(y))
+    keep, count = [], {}
+    for i in perm:
+        c = int(y[i])
+        if count.get(c, 0) < k:
+            keep.append(i)
+            count[c] = count.get(c, 0) + 1
+    return np.sort(np.asarray(keep, dtype=np.int64))
+
+
+def _load_image(path: str) -> torch.Tensor:
+    from PIL import Image
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+class TaskDataset(Dataset):
+    """Images and remapped labels of some classes, with a transform applied per item."""
+
+    def __init__(self, images, labels: np.ndarray, transform: Callable):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        x = self.images[i]
+        img = _load_image(x) if isinstance(x, str) else torch.from_numpy(x).permute(2, 0, 1)
+        return self.transform(img), int(self.labels[i])
+
+
+class DataManager:
+    """Splits a dataset into tasks; labels are remapped to positions in the class order."""
+
+    def __init__(self, data: SplitData, init_cls: int, increment: int, shuffle: bool, seed: int,
+                 train_per_class: Optional[int] = None, test_per_class: Optional[int] = None,
+                 max_tasks: Optional[int] = None):
+        self.order = class_order(data.n_classes, shuffle, seed)
+        sizes = task_sizes(data.n_classes, init_cls, increment)
+        self.sizes = sizes[:max_tasks] if max_tasks else sizes
+        self.class_names = [data.class_names[c] for c in self.order]
+        remap = np.empty(data.n_classes, np.int64)
+        remap[self.order] = np.arange(data.n_classes)
+        tr = _per_class_subset(data.y_train, train_per_class, seed)
+        te = _per_class_subset(data.y_test, test_per_class, seed + 1)
+        self._train = (self._take(data.x_train, tr), remap[data.y_train[tr]])
+        self._test = (self._take(data.x_test, te), remap[data.y_test[te]])
+
+    @staticmethod
+    def _take(images, idx: np.ndarray):
+        return images[idx] if isinstance(images, np.ndarray) else [images[i] for i in idx]
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.sizes)
+
+    def classes_upto(self, t: int) -> int:
+        """How many classes are known after task t."""
+        return sum(self.sizes[: t + 1])
+
+    def task_range(self, t: int) -> tuple[int, int]:
+        """The remapped labels [lo, hi) that task t introduces."""
+        return self.classes_upto(t - 1) if t else 0, self.classes_upto(t)
+
+    def _subset(self, split, lo: int, hi: int, transform: Callable) -> TaskDataset:
+        images, labels = split
+        idx = np.nonzero((labels >= lo) & (labels < hi))[0]
+        return TaskDataset(self._take(images, idx), labels[idx], transform)
+
+    def train_set(self, t: int, transform: Callable) -> TaskDataset:
+        """Task t's training images only."""
+        return self._subset(self._train, *self.task_range(t), transform)
+
+    def test_set(self, t: int, transform: Callable) -> TaskDataset:
+        """Test images of every class seen up to and including task t."""
+        return self._subset(self._test, 0, self.classes_upto(t), transform)
+
+    def task_of_label(self, labels: np.ndarray) -> np.ndarray:
+        """The task that introduced each remapped label."""
+        bounds = np.cumsum(self.sizes)
+        return np.searchsorted(bounds, labels, side="right")

@@ -1,0 +1,180 @@
+"""Dataset sources: CIFAR-100 (torchvision folder, .npz or download), ImageFolder sets, a generated set.
+
+Each loader returns a ``SplitData``: train/test images (uint8 HWC arrays, or image file paths)
+with integer labels in the dataset's own class order. Task splitting happens in data_manager.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Union
+
+import numpy as np
+
+Images = Union[np.ndarray, list]  # uint8 (N, H, W, 3) in memory, or a list of file paths
+
+
+@dataclass
+class SplitData:
+    x_train: Images
+    y_train: np.ndarray
+    x_test: Images
+    y_test: np.ndarray
+    class_names: list[str]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+
+class DataError(FileNotFoundError):
+    """A dataset that cannot be found or read; the message shows the layout that was expected."""
+
+
+CIFAR_LAYOUT = """expected one of:
+  {p}/cifar-100-python/{{train,test,meta}}   (torchvision's folder)
+  {p}  as an .npz file, or {p}/*.npz, with x_train, y_train, x_test, y_test (uint8 NHWC, int labels)
+or set "download": true to let torchvision fetch it into {p}"""
+
+FOLDER_LAYOUT = """expected an ImageFolder layout:
+  {p}/train/<class_name>/*.jpg
+  {p}/test/<class_name>/*.jpg"""
+
+
+def _load_npz(path: Path) -> SplitData:
+    try:
+        z = np.load(path, allow_pickle=False)
+        x_tr, y_tr, x_te, y_te = (z[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+        names = [str(n) for n in z["fine_label_names"]] if "fine_label_names" in z.files else None
+    except (KeyError, ValueError, OSError) as e:
+        raise DataError(f"'{path}' is not a readable CIFAR .npz ({e}); "
+                        "it needs x_train, y_train, x_test, y_test") from None
+    if x_tr.ndim != 4 or x_tr.shape[-1] != 3 or x_tr.dtype != np.uint8:
+        raise DataError(f"'{path}': x_train must be uint8 (N, H, W, 3), got {x_tr.dtype} {x_tr.shape}")
+    n = int(max(y_tr.max(), y_te.max())) + 1
+    return SplitData(x_tr, y_tr.astype(np.int64), x_te, y_te.astype(np.int64), names or [str(i) for i in range(n)])
+
+
+def _load_torchvision_cifar(root: Path, download: bool) -> SplitData:
+    from torchvision.datasets import CIFAR100
+    tr = CIFAR100(str(root), train=True, download=download)
+    te = CIFAR100(str(root), train=False, download=download)
+    return SplitData(tr.data, np.asarray(tr.targets, np.int64), te.data, np.asarray(te.targets, np.int64),
+                     list(tr.classes))
+
+
+def load_cifar100(data_path: str, download: bool) -> SplitData:
+    """CIFAR-100 from an .npz file, a folder holding one, a torchvision folder, or a download."""
+    p = Path(data_path)
+    if p.is_file():
+        return _load_npz(p)
+    if p.is_dir():
+        if (p / "cifar-100-python").is_dir():
+            return _load_torchvision_cifar(p, download=False)
+        if p.name == "cifar-100-python" and (p / "train").is_file():
+            return _load_torchvision_cifar(p.parent, download=False)
+        npz = sorted(p.glob("*.npz"))
+        if len(npz) == 1:
+            return _load_npz(npz[0])
+    if download:
+        p.mkdir(parents=True, exist_ok=True)
+        return _load_torchvision_cifar(p, download=True)
+    raise DataError(f"no CIFAR-100 found at '{data_path}'; " + CIFAR_LAYOUT.format(p=data_path))
+
+
+IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
+
+
+def _scan(folder: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
+    paths, labels = [], []
+    for i, c in enumerate(classes):
+        files = sorted(f for f in (folder / c).iterdir() if f.suffix in IMG_EXT) if (folder / c).is_dir() else []
+        paths += [str(f) for f in files]
+        labels += [i] * len(files)
+    return paths, np.asarray(labels, np.int64)
+
+
+def load_image_folder(data_path: str) -> SplitData:
+    """An ImageFolder dataset with data_path/train and data_path/test sharing class folder names."""
+    p = Path(data_path)
+    if not (p / "train").is_dir() or not (p / "test").is_dir():
+        raise DataError(f"no dataset found at '{data_path}'; " + FOLDER_LAYOUT.format(p=data_path))
+    classes = sorted(d.name for d in (p / "train").iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"'{p / 'train'}' has no class folders; " + FOLDER_LAYOUT.format(p=data_path))
+    x_tr, y_tr = _scan(p / "train", classes)
+    x_te, y_te = _scan(p / "test", classes)
+    return SplitData(x_tr, y_tr, x_te, y_te, classes)
+
+
+def _shape_mask(kind: int, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+    """One of ten binary patterns on a grid: shapes and textures that a small ViT can tell apart."""
+    dy, dx = yy - cy, xx - cx
+    d = np.sqrt(dy ** 2 + dx ** 2)
+    period = max(r / 2, 2.0)
+    masks = [
+        d < r,                                                   # disc
+        (np.abs(dy) < r * 0.8) & (np.abs(dx) < r * 0.8),         # square
+        (dy > -r) & (dy < r) & (np.abs(dx) < (dy + r) / 2),      # triangle
+        (d < r) & (d > r * 0.55),                                # ring
+        (np.abs(dy) < r / 3) | (np.abs(dx) < r / 3),             # cross
+        (yy // period) % 2 == 0,                                 # horizontal stripes
+        (xx // period) % 2 == 0,                                 # vertical stripes
+        ((yy + xx) // period) % 2 == 0,                          # diagonal stripes
+        ((yy // period) + (xx // period)) % 2 == 0,              # checkerboard
+        np.abs(dy) + np.abs(dx) < r,                             # diamond
+    ]
+    return masks[kind % len(masks)]
+
+
+def make_synthetic(n_classes: int, train_per_class: int, test_per_class: int, size: int, seed: int) -> SplitData:
+    """Coloured shapes and textures, one (pattern, colour) pair per class, jittered per image.
+
+    Deterministic from ``seed``; images are uint8 (N, size, size, 3), generated in memory.
+    """
+    rng = np.random.RandomState(seed)
+    colours = rng.uniform(0.25, 1.0, size=(n_classes, 3))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+
+    def draw(c: int, n: int) -> np.ndarray:
+        out = np.empty((n, size, size, 3), np.uint8)
+        for i in range(n):
+            cy, cx = rng.uniform(0.35, 0.65, size=2) * size
+            r = rng.uniform(0.22, 0.34) * size
+            mask = _shape_mask(c, yy, xx, cy, cx, r)[..., None]
+            fg = np.clip(colours[c] + rng.normal(0, 0.05, 3), 0, 1)
+            bg = rng.uniform(0.0, 0.3, 3)
+            img = np.where(mask, fg, bg) + rng.normal(0, 0.04, (size, size, 3))
+            out[i] = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+        return out
+
+    x_tr = np.concatenate([draw(c, train_per_class) for c in range(n_classes)])
+    x_te = np.concatenate([draw(c, test_per_class) for c in range(n_classes)])
+    y_tr = np.repeat(np.arange(n_classes), train_per_class)
+    y_te = np.repeat(np.arange(n_classes), test_per_class)
+    return SplitData(x_tr, y_tr, x_te, y_te, [f"pattern{c}" for c in range(n_classes)])
+
+
+def _cifar(cfg) -> SplitData:
+    return load_cifar100(cfg.data_path or "data/cifar100", cfg.download)
+
+
+def _folder(cfg) -> SplitData:
+    return load_image_folder(cfg.data_path or f"data/{cfg.dataset}")
+
+
+def _synthetic(cfg) -> SplitData:
+    return make_synthetic(cfg.synthetic_classes, cfg.train_per_class or 100, cfg.test_per_class or 40,
+                          size=32, seed=cfg.seeds[0])
+
+
+#: dataset name -> loader(cfg); new datasets register here.
+DATASETS: dict[str, Callable] = {
+    "cifar100": _cifar, "cifar224": _cifar, "synthetic": _synthetic,
+    "imagenetr": _folder, "imageneta": _folder, "cub": _folder, "domainnet": _folder,
+}
+
+
+def load_dataset(cfg) -> SplitData:
+    """Load the configured dataset through the registry above."""
+    return DATASETS[cfg.dataset](cfg)
