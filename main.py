@@ -17,7 +17,7 @@ import torch
 from backbone.vit import BackboneError
 from models import get_learner
 from models.base import NonFiniteLoss
-from utils.config import Config, ConfigError, build_config, load_config, parse_overrides
+from utils.config import Config, ConfigError, build_config, describe_keys, load_config, parse_overrides
 from utils.data_manager import DataManager
 from utils.datasets import DataError, load_dataset
 from utils.io import new_run_dir, save_json
@@ -114,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
                                             "--lora_targets '[\"q\",\"v\"]' (values are read as JSON).")
     parser.add_argument("--config", help="JSON config file (see exps/)")
     parser.add_argument("--resume", help="run folder to continue after its last completed task")
+    parser.add_argument("--keys", action="store_true", help="list every config key with its default and exit")
     args, rest = parser.parse_known_args(argv)
+    if args.keys:
+        print(describe_keys())
+        return 0
     try:
         overrides = parse_overrides(rest)
         if args.resume:

@@ -59,7 +59,7 @@ class AdapterGate(nn.Module):
     def coefficients(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(w, beta): w has shape (1 or n_layers, n_active) in coefficient order; beta is None here."""
         tasks = self.frozen_active() + ([self.current] if self._current_active() else [])
-        return self.alphas(tasks)[None], None
+        return (self.alphas(tasks)[None] if tasks else None), None
 
     def _current_active(self) -> bool:
         return self.current is not None and bool(self.pruning_mask[self.current] > 0)

@@ -149,7 +149,8 @@ class LoRAQKV(nn.Module):
             self._A_old = torch.cat(As, dim=1).contiguous()
             self._B_old = torch.cat(Bs, dim=2).contiguous()
             norms = torch.stack([adapter_norm(a, b, self.direction_norm) for a, b in zip(As, Bs)], dim=1)
-            self._inv_norm = 1.0 / norms  # (P, n_frozen); a zero-norm frozen adapter gives inf -> NaN
+            # (P, n_frozen). An adapter that never trained (B = 0) has no direction: it adds 0, not NaN.
+            self._inv_norm = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
             self._ranks_old = [a.shape[1] for a in As]
 
     @property
@@ -212,6 +213,8 @@ class LoRAQKV(nn.Module):
         for j, task in enumerate(tasks):
             A, B = self.lora_A[str(task)], self.lora_B[str(task)]
             norm = adapter_norm(A, B, self.direction_norm) if task != self.current else None
+            if norm is not None:
+                norm = torch.where(norm > 0, norm, torch.full_like(norm, float("inf")))  # zero adapter adds 0
             for p, o in enumerate(self.offsets):
                 w = coeff[j] / norm[p] if norm is not None else coeff[j]
                 out[:, o:o + d] = out[:, o:o + d] + w * ((x2 @ A[p].t()) @ B[p].t())

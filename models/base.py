@@ -77,6 +77,7 @@ class Learner:
     def __init__(self, cfg: Config, device: torch.device, run_dir: Path, seed: int):
         self.cfg, self.device, self.run_dir, self.seed = cfg, device, Path(run_dir), seed
         self._check_device()
+        seed_everything(seed)  # a random-init backbone depends on it
         vit = create_vit(cfg.backbone_type, cfg.pretrained, cfg.pretrained_path, cfg.img_size, cfg.backbone_kwargs)
         gate = self.make_gate(len(vit.blocks))
         backbone = LoRAViT(vit, gate, cfg.lora_targets, cfg.direction_norm, cfg.adapter_strategy)

@@ -258,11 +258,13 @@ def build_config(raw: dict) -> Config:
     if errors:
         raise ConfigError("\n".join(errors))
     cfg = Config(**raw)
-    errors = [
+    defaults = Config()
+    errors = [  # a method key set away from its default would silently do nothing: refuse it
         f"config key '{key}' is not used by model_name '{cfg.model_name}' (it belongs to "
         f"{', '.join(FIELDS[key].metadata['methods'])}); remove it"
         for key in raw
         if FIELDS[key].metadata["methods"] and cfg.model_name not in FIELDS[key].metadata["methods"]
+        and raw[key] != getattr(defaults, key)
     ]
     errors += _cross_checks(cfg, raw)
     if errors:
@@ -272,25 +274,31 @@ def build_config(raw: dict) -> Config:
 
 def _cross_checks(cfg: Config, raw: dict) -> list[str]:
     errs = []
-    if cfg.scheduler != "multistep" and ("milestones" in raw or "init_milestones" in raw):
+    if cfg.scheduler != "multistep" and (raw.get("milestones") or raw.get("init_milestones")):
         errs.append("config keys 'milestones'/'init_milestones' only apply to \"scheduler\": \"multistep\"")
     if cfg.scheduler != "cosine" and "min_lr" in raw and cfg.min_lr:
         errs.append("config key 'min_lr' only applies to \"scheduler\": \"cosine\"")
-    if cfg.optimizer != "sgd" and "momentum" in raw:
+    if cfg.optimizer != "sgd" and raw.get("momentum", 0.9) != 0.9:
         errs.append("config key 'momentum' only applies to \"optimizer\": \"sgd\"")
     if cfg.pretrained_path and not cfg.pretrained:
         errs.append("config key 'pretrained_path' is set but 'pretrained' is false; set pretrained to true")
     if cfg.model_name == "gumbel_sdlora":
         if cfg.gumbel_tau_final > cfg.gumbel_tau_init:
             errs.append("config key 'gumbel_tau_final' must be <= 'gumbel_tau_init'")
-        if "prune_samples" in raw and cfg.prune_rule != "frequency":
+        d = Config()
+        if raw.get("prune_samples", d.prune_samples) != d.prune_samples and cfg.prune_rule != "frequency":
             errs.append("config key 'prune_samples' only applies to \"prune_rule\": \"frequency\"")
-        if "prune_threshold" in raw and cfg.prune_rule != "frequency":
+        if raw.get("prune_threshold", d.prune_threshold) != d.prune_threshold and cfg.prune_rule != "frequency":
             errs.append("config key 'prune_threshold' only applies to \"prune_rule\": \"frequency\"")
+        for key in ("epochs", "init_epoch"):
+            e = getattr(cfg, key)
+            if key == "epochs" and cfg.two_phase and e is not None and math.ceil(cfg.phase1_fraction * e) >= e:
+                errs.append(f"config key '{key}' = {e} with phase1_fraction {cfg.phase1_fraction} leaves phase 2 "
+                            "no epoch, so new adapters never train; raise 'epochs' or lower 'phase1_fraction'")
         if cfg.prune_scope == "new" and cfg.gate_scope == "previous":
             errs.append('"prune_scope": "new" with "gate_scope": "previous" can never prune (the new adapter '
                         'is not gated); use "prune_scope": "all" or "gate_scope": "all"')
-        if "growth_threshold" in raw and cfg.prune_rule != "threshold":
+        if raw.get("growth_threshold", d.growth_threshold) != d.growth_threshold and cfg.prune_rule != "threshold":
             errs.append("config key 'growth_threshold' only applies to \"prune_rule\": \"threshold\"")
     return errs
 
@@ -337,3 +345,14 @@ def load_config(path: Optional[str], overrides: Optional[dict] = None) -> Config
             raise ConfigError(f"config file '{path}' must hold a JSON object of keys")
     raw.update(overrides or {})
     return build_config(raw)
+
+
+def describe_keys() -> str:
+    """Every key, its type, default, the methods it belongs to and its help line."""
+    defaults = Config()
+    lines = []
+    for name, f in FIELDS.items():
+        methods = f.metadata["methods"]
+        scope = f" [{', '.join(methods)}]" if methods and methods != LORA_METHODS else ""
+        lines.append(f"{name:24s} {json.dumps(getattr(defaults, name)):38s} {f.metadata['help']}{scope}")
+    return "\n".join(lines)

@@ -1,0 +1,26 @@
+"""Shared fixtures: a tiny random-init ViT config on generated data, and the ../shared files."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared"
+CIFAR_NPZ = SHARED / "data" / "cifar100" / "cifar100.npz"
+VIT_S = SHARED / "weights" / "vit_small_patch14_dinov2.imgfocus.fp16.safetensors"
+
+TINY = dict(
+    dataset="synthetic", synthetic_classes=6, train_per_class=16, test_per_class=8, init_cls=2, increment=2,
+    device="cpu", num_workers=0, progress=False, backbone_type="vit_tiny_patch16_224", pretrained=False,
+    backbone_kwargs={"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}, img_size=32,
+    crop_scale=[0.6, 1.0], lora_rank=4, optimizer="adam", lrate=0.003, epochs=1, batch_size=16, seed=7,
+)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A dict of config keys for a few-second run, writing into a temporary log_dir."""
+    return dict(TINY, log_dir=str(tmp_path / "logs"))

@@ -1,0 +1,78 @@
+"""The schema rejects what it cannot run, naming the key; the command line wins over the file."""
+import json
+
+import pytest
+
+from main import main, resolve_device
+from utils.config import ConfigError, build_config, load_config, parse_overrides
+
+
+def test_defaults_and_resolution():
+    cfg = build_config({})
+    assert cfg.model_name == "sdlora" and cfg.lora_targets == ["q", "v"] and cfg.seeds == [1993]
+    assert build_config({"seed": [1, 2]}).seeds == [1, 2]
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"lrat": 0.1}, "Did you mean 'lrate'"),
+    ({"epochs": "20"}, "'epochs'"),
+    ({"epochs": 0}, "'epochs' = 0 must be > 0"),
+    ({"optimizer": "rmsprop"}, "one of \"sgd\", \"adam\", \"adamw\""),
+    ({"lora_targets": ["q", "x"]}, "'lora_targets'"),
+    ({"memory_size": 2000}, "rehearsal is not supported"),
+    ({"filepath": "./CF100/"}, "use \"log_dir\""),
+    ({"lambda_sparsity": 0.3}, "not used by model_name 'sdlora'"),
+    ({"milestones": [10]}, "multistep"),
+    ({"model_name": "gumbel_sdlora", "prune_samples": 5}, "prune_rule"),
+    ({"model_name": "sdlora", "lambda_sparsity": 0.5}, "not used by model_name"),
+    ({"model_name": "gumbel_sdlora", "gate_scope": "previous", "prune_scope": "new"}, "can never prune"),
+    ({"lrate": float("nan")}, "'lrate'"),
+    ({"model_name": "gumbel_sdlora", "epochs": 1}, "leaves phase 2"),
+    ({"crop_scale": [0.9, 0.1]}, "'crop_scale'"),
+])
+def test_rejections_name_the_key(raw, needle):
+    with pytest.raises(ConfigError) as e:
+        build_config(raw)
+    assert needle in str(e.value)
+
+
+def test_overrides_parse_json_and_win(tmp_path):
+    assert parse_overrides(["--epochs", "1", "--pretrained", "false", "--lora_targets", '["q"]',
+                            "--prefix=x", "--backbone_type", "vit_tiny_patch16_224"]) == {
+        "epochs": 1, "pretrained": False, "lora_targets": ["q"], "prefix": "x",
+        "backbone_type": "vit_tiny_patch16_224"}
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"epochs": 5, "batch_size": 8}))
+    cfg = load_config(str(p), {"epochs": 1})
+    assert cfg.epochs == 1 and cfg.batch_size == 8
+    with pytest.raises(ConfigError, match="has no value"):
+        parse_overrides(["--epochs"])
+
+
+def test_cli_stops_before_any_work(tmp_path, capsys):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"epochs": 1, "log_dir": str(tmp_path / "logs"), "lrat": 1}))
+    assert main([f"--config={p}"]) == 2
+    assert "unknown config key 'lrat'" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()
+
+
+def test_missing_data_shows_layout(tmp_path, capsys):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"data_path": str(tmp_path / "nope"), "log_dir": str(tmp_path / "logs")}))
+    assert main([f"--config={p}", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "cifar-100-python" in err and "download" in err
+
+
+def test_unknown_backbone_is_rejected(tiny, tmp_path, capsys):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(dict(tiny, backbone_type="vit_nonexistent_model")))
+    assert main([f"--config={p}"]) == 2
+    assert "unknown timm model 'vit_nonexistent_model'" in capsys.readouterr().err
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ConfigError):
+        resolve_device(["0", "1"])

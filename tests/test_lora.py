@@ -1,0 +1,184 @@
+"""Adapter math (SPEC section 2) against a brute-force computation, for every strategy."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from backbone.gate import AdapterGate, GumbelGate
+from backbone.lora import LoRAQKV, _DeltaLinear, adapter_norm
+from backbone.vit import LoRAViT, create_vit
+
+D = 12
+
+
+def make_layer(targets=("q", "v"), norm="factors", strategy="stacked", ranks=(3, 2, 4), seed=0):
+    torch.manual_seed(seed)
+    layer = LoRAQKV(nn.Linear(D, 3 * D), targets, norm, strategy)
+    for t, r in enumerate(ranks):
+        layer.add_adapter(t, r)
+        with torch.no_grad():
+            layer.lora_B[str(t)].normal_()
+    return layer
+
+
+def brute_force(layer, x, coeff, frozen, current):
+    """y = W x + b + sum_i w_i B_i A_i x on each target slice, with d x d products formed explicitly."""
+    y = x @ layer.base.weight.T + layer.base.bias
+    y = y.clone()
+    tasks = list(frozen) + ([current] if current is not None else [])
+    for j, t in enumerate(tasks):
+        A, B = layer.lora_A[str(t)].detach().double(), layer.lora_B[str(t)].detach().double()
+        for p, name in enumerate(layer.targets):
+            delta = B[p] @ A[p]
+            if t != current:
+                if layer.direction_norm == "factors":
+                    n = torch.linalg.norm(A[p]) * torch.linalg.norm(B[p])
+                else:
+                    n = torch.linalg.norm(delta)
+                w = coeff[j] / n if n > 0 else 0.0
+            else:
+                w = coeff[j]
+            o = "qkv".index(name) * D
+            y[:, o:o + D] += (w * (x.double() @ delta.T)).to(y.dtype)
+    return y
+
+
+@pytest.mark.parametrize("norm", ["factors", "frobenius"])
+@pytest.mark.parametrize("strategy", ["stacked", "merged", "loop"])
+@pytest.mark.parametrize("targets", [("q", "v"), ("k",), ("q", "k", "v")])
+def test_adapter_sum_matches_brute_force(norm, strategy, targets):
+    layer = make_layer(targets, norm, strategy)
+    layer.configure(frozen=[0, 1], current=2)
+    x = torch.randn(5, D)
+    coeff = torch.tensor([0.7, -1.3, 0.4])
+    layer.coeff = coeff
+    want = brute_force(layer, x, coeff, [0, 1], 2)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["stacked", "merged", "loop"])
+def test_pruned_adapter_is_skipped(strategy):
+    layer = make_layer(strategy=strategy)
+    layer.configure(frozen=[0, 2], current=None)  # adapter 1 pruned
+    layer.coeff = torch.tensor([0.5, 2.0])
+    x = torch.randn(4, D)
+    want = brute_force(layer, x, layer.coeff, [0, 2], None)
+    with torch.no_grad():
+        layer.lora_A["1"].fill_(float("nan"))
+        layer.lora_B["1"].fill_(float("nan"))
+    layer.configure(frozen=[0, 2], current=None)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    # and a NaN in an active adapter does show: the test above could fail
+    with torch.no_grad():
+        layer.lora_A["0"].fill_(float("nan"))
+    layer.configure(frozen=[0, 2], current=None)
+    assert torch.isnan(layer(x)).any()
+
+
+def test_frobenius_norm_from_gram_matches_explicit():
+    A, B = torch.randn(2, 5, 30, dtype=torch.float64), torch.randn(2, 30, 5, dtype=torch.float64)
+    want = torch.stack([torch.linalg.norm(B[p] @ A[p]) for p in range(2)])
+    torch.testing.assert_close(adapter_norm(A, B, "frobenius"), want)
+    want_f = torch.stack([torch.linalg.norm(A[p]) * torch.linalg.norm(B[p]) for p in range(2)])
+    torch.testing.assert_close(adapter_norm(A, B, "factors"), want_f)
+
+
+def test_new_adapter_init():
+    layer = make_layer(ranks=(10,))
+    layer.add_adapter(1, 10)
+    A, B = layer.lora_A["1"], layer.lora_B["1"]
+    assert A.shape == (2, 10, D) and B.shape == (2, D, 10)
+    assert torch.count_nonzero(B) == 0
+    bound = 1 / math.sqrt(D)  # kaiming_uniform(a=sqrt(5)) on fan_in D
+    assert A.abs().max() <= bound and A.abs().max() > 0.5 * bound
+
+
+def test_delta_linear_gradcheck():
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(12, 4, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    delta = torch.randn(2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, d: _DeltaLinear.apply(x, w, b, d, (0, 8)), (x, delta))
+
+
+def tiny_vit(strategy, gate):
+    torch.manual_seed(1)
+    vit = create_vit("vit_tiny_patch16_224", False, None, 32, dict(patch_size=8, depth=2, embed_dim=48, num_heads=3))
+    return LoRAViT(vit, gate, ("q", "v"), "factors", strategy)
+
+
+def three_task_model(strategy, gate):
+    m = tiny_vit(strategy, gate)
+    for t in range(3):
+        m.add_task(t, 3, 0.8)
+        with torch.no_grad():
+            for layer in m.layers:
+                layer.lora_B[str(t)].normal_(std=0.1)
+        m.configure()
+        if t < 2:
+            m.freeze_current()
+    return m
+
+
+@pytest.mark.parametrize("strategy", ["stacked", "merged", "loop"])
+def test_merged_eval_equals_unmerged_and_grads_reach_exactly_trainables(strategy):
+    m = three_task_model(strategy, AdapterGate(2))
+    x = torch.randn(2, 3, 32, 32)
+    m.train()
+    y_train = m(x)
+    y_train.square().sum().backward()
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    expected = {f"vit.blocks.{i}.attn.qkv.lora_{ab}.2" for i in range(2) for ab in "AB"}
+    expected |= {f"gate.alpha.{t}" for t in range(3)}
+    assert trainable == expected
+    assert with_grad == expected
+    m.eval()
+    with torch.no_grad():
+        y_eval = m(x)
+    assert all(layer._merged is not None for layer in m.layers)
+    torch.testing.assert_close(y_eval, y_train.detach(), rtol=1e-5, atol=1e-5)
+    m.train()
+    assert all(layer._merged is None for layer in m.layers)
+
+
+def test_strategies_agree_on_outputs_and_gradients():
+    results = {}
+    for s in ("loop", "stacked", "merged", "auto"):
+        gate = GumbelGate(2)
+        m = three_task_model(s, gate)
+        with torch.no_grad():
+            for k in gate.logits:
+                gate.logits[k].fill_(float(k))
+        gate.noise, gate.tau = False, 1.0
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        y = m(x)
+        y.square().sum().backward()
+        results[s] = (y.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    ref_y, ref_g = results["loop"]
+    for s, (y, g) in results.items():
+        torch.testing.assert_close(y, ref_y, rtol=1e-4, atol=1e-5)
+        assert g.keys() == ref_g.keys()
+        for n in g:
+            torch.testing.assert_close(g[n], ref_g[n], rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_backbone_is_shared_not_copied():
+    m = three_task_model("auto", AdapterGate(2))
+    n_backbone = sum(p.numel() for n, p in m.named_parameters() if "lora_" not in n and "gate" not in n)
+    n_plain = sum(p.numel() for p in create_vit("vit_tiny_patch16_224", False, None, 32,
+                                                 dict(patch_size=8, depth=2, embed_dim=48, num_heads=3)).parameters())
+    assert n_backbone == n_plain
+    assert all(not p.requires_grad for n, p in m.named_parameters() if "lora_" not in n and "gate" not in n)
+
+
+@pytest.mark.parametrize("strategy", ["stacked", "merged", "loop"])
+def test_untrained_frozen_adapter_adds_zero_not_nan(strategy):
+    layer = make_layer(strategy=strategy)
+    with torch.no_grad():
+        layer.lora_B["1"].zero_()
+    layer.configure(frozen=[0, 1], current=None)
+    layer.coeff = torch.tensor([0.5, 2.0])
+    x = torch.randn(3, D)
+    want = brute_force(layer, x, torch.tensor([0.5, 0.0]), [0, 1], None)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
