@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--config is required (for example --config=exps/demo.json)")
         cfg = load_config(args.config, overrides)
         device = resolve_device(cfg.device)
+        if device.type != "cuda" and (cfg.amp or cfg.compile):
+            raise ConfigError(f"config keys 'amp' and 'compile' need a CUDA device, but the run is on '{device}'; "
+                              "set them to false")
         data = load_dataset(cfg)
         for seed in cfg.seeds:
             run_seed(replace(cfg, seed=seed), seed, data, device)

@@ -22,6 +22,7 @@ class AdapterGate(nn.Module):
         self.n_layers = n_layers
         self.alpha = nn.ParameterDict()
         self.register_buffer("pruning_mask", torch.ones(0))
+        self._active: list[bool] = []  # host mirror of pruning_mask: control flow never reads the device
         self.current: Optional[int] = None
 
     @property
@@ -34,6 +35,7 @@ class AdapterGate(nn.Module):
             raise ValueError(f"tasks are added in order: expected task {self.n_tasks}, got {task}")
         self.alpha[str(task)] = nn.Parameter(torch.tensor(float(alpha_init), device=self.pruning_mask.device))
         self.pruning_mask = torch.cat([self.pruning_mask, self.pruning_mask.new_ones(1)])
+        self._active.append(True)
         self.current = task
 
     def reset_alphas(self, value: float) -> None:
@@ -42,7 +44,7 @@ class AdapterGate(nn.Module):
                 a.fill_(value)
 
     def active_tasks(self) -> list[int]:
-        return [t for t in range(self.n_tasks) if self.pruning_mask[t] > 0]
+        return [t for t, on in enumerate(self._active) if on]
 
     def frozen_active(self) -> list[int]:
         """Active adapters other than the current one, in coefficient order."""
@@ -52,6 +54,12 @@ class AdapterGate(nn.Module):
         """Prune adapters for good (their mask entry goes to 0 and never comes back)."""
         for t in tasks:
             self.pruning_mask[t] = 0
+            self._active[t] = False
+
+    def load_mask(self, mask: torch.Tensor) -> None:
+        """Take a saved mask (for the first len(mask) tasks); pruned entries stay pruned."""
+        n = min(len(mask), self.n_tasks)
+        self.prune([t for t in range(n) if float(mask[t]) <= 0])
 
     def alphas(self, tasks: list[int]) -> torch.Tensor:
         return torch.stack([self.alpha[str(t)] for t in tasks])
@@ -62,7 +70,7 @@ class AdapterGate(nn.Module):
         return (self.alphas(tasks)[None] if tasks else None), None
 
     def _current_active(self) -> bool:
-        return self.current is not None and bool(self.pruning_mask[self.current] > 0)
+        return self.current is not None and self._active[self.current]
 
 
 class GumbelGate(AdapterGate):

@@ -47,7 +47,7 @@ class _DeltaLinear(torch.autograd.Function):
         for p, o in enumerate(offsets):
             w[o:o + d] += delta[p].to(w.dtype)
         ctx.save_for_backward(x, w)
-        ctx.offsets = offsets
+        ctx.offsets, ctx.delta_dtype = offsets, delta.dtype
         return F.linear(x, w, bias)
 
     @staticmethod
@@ -58,7 +58,7 @@ class _DeltaLinear(torch.autograd.Function):
         gd = None
         if ctx.needs_input_grad[3]:
             d = w.shape[1]
-            gd = torch.stack([g[:, o:o + d].t() @ x.to(g.dtype) for o in ctx.offsets])
+            gd = torch.stack([g[:, o:o + d].t() @ x.to(g.dtype) for o in ctx.offsets]).to(ctx.delta_dtype)
         return gx, None, None, gd, None
 
 
@@ -111,6 +111,7 @@ class LoRAQKV(nn.Module):
         self.register_buffer("_A_old", ref.new_zeros(P, 0, self.dim), persistent=False)
         self.register_buffer("_B_old", ref.new_zeros(P, self.dim, 0), persistent=False)
         self.register_buffer("_inv_norm", ref.new_zeros(P, 0), persistent=False)
+        self.register_buffer("_row_owner", torch.zeros(0, dtype=torch.long, device=ref.device), persistent=False)
         self._ranks_old: list[int] = []
         self.coeff: Optional[torch.Tensor] = None  # (n_frozen [+ 1],) set by the model every forward
         self._merged: Optional[torch.Tensor] = None
@@ -141,6 +142,7 @@ class LoRAQKV(nn.Module):
             self._A_old = self._A_old.new_zeros(P, 0, self.dim)
             self._B_old = self._B_old.new_zeros(P, self.dim, 0)
             self._inv_norm = self._inv_norm.new_zeros(P, 0)
+            self._row_owner = self._row_owner.new_zeros(0)
             self._ranks_old = []
             return
         with torch.no_grad():
@@ -152,6 +154,9 @@ class LoRAQKV(nn.Module):
             # (P, n_frozen). An adapter that never trained (B = 0) has no direction: it adds 0, not NaN.
             self._inv_norm = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
             self._ranks_old = [a.shape[1] for a in As]
+            # rank row -> its adapter's position, so per-step scales are one gather (no host transfer)
+            owner = [i for i, r in enumerate(self._ranks_old) for _ in range(r)]
+            self._row_owner = torch.tensor(owner, dtype=torch.long, device=self._A_old.device)
 
     @property
     def n_active(self) -> int:
@@ -169,8 +174,7 @@ class LoRAQKV(nn.Module):
         parts = []
         if n_old:
             w_old = coeff[:n_old].to(self._inv_norm.dtype) * self._inv_norm  # (P, n_old)
-            reps = torch.tensor(self._ranks_old, device=w_old.device)
-            parts.append(torch.repeat_interleave(w_old, reps, dim=1, output_size=sum(self._ranks_old)))
+            parts.append(w_old.index_select(1, self._row_owner))
         if self.current is not None:
             r = self.lora_A[str(self.current)].shape[1]
             parts.append(coeff[n_old].to(self._A_old.dtype).expand(len(self.targets), r))

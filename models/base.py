@@ -25,7 +25,7 @@ from tqdm import tqdm
 from backbone.gate import AdapterGate
 from backbone.head import GrowingHead
 from backbone.vit import LoRAViT, create_vit
-from utils.config import Config
+from utils.config import Config, ConfigError
 from utils.data_manager import DataManager
 from utils.io import load_tensors, save_json, save_tensors
 from utils.metrics import summarize, topk_correct
@@ -89,6 +89,9 @@ class Learner:
             "accuracy_matrix", "A", "old_accuracy", "new_accuracy", "top5", "active_adapters",
             "adapter_params", "train_seconds", "eval_seconds")}
         if cfg.compile:
+            import torch._dynamo
+            # the adapter set changes at every task boundary: allow those recompilations
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self.net.backbone.vit = torch.compile(self.net.backbone.vit)
 
     # ---- hooks a method overrides ---------------------------------------------------------------
@@ -139,8 +142,8 @@ class Learner:
 
     def _check_device(self) -> None:
         if self.device.type != "cuda" and (self.cfg.amp or self.cfg.compile):
-            raise ValueError("config keys 'amp' and 'compile' need a CUDA device; set them to false on "
-                             f"'{self.device}'")
+            raise ConfigError("config keys 'amp' and 'compile' need a CUDA device; set them to false on "
+                              f"'{self.device}'")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = self.cfg.tf32
             torch.backends.cudnn.allow_tf32 = self.cfg.tf32
@@ -331,7 +334,7 @@ class Learner:
             if self.uses_adapters:
                 for t, a in enumerate(ck["gate.alpha"]):
                     self.gate.alpha[str(t)].fill_(float(a))
-                self.gate.pruning_mask.copy_(ck["gate.pruning_mask"].to(self.device))
+                self.gate.load_mask(ck["gate.pruning_mask"])
                 self.load_extra_tensors(ck)
         if self.uses_adapters:
             self.net.backbone.configure()

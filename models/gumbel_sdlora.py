@@ -43,9 +43,7 @@ class GumbelSDLoRA(Learner):
         path = self.run_dir / "pruning_mask.pt"
         if not path.is_file():
             return
-        saved = torch.load(path, map_location=self.device, weights_only=True)
-        n = min(len(saved), self.gate.n_tasks)
-        self.gate.pruning_mask[:n] *= saved[:n].to(self.gate.pruning_mask.dtype)
+        self.gate.load_mask(torch.load(path, map_location="cpu", weights_only=True))
         self.net.backbone.configure()
 
     # ---- per-step pieces -------------------------------------------------------------------------
