@@ -20,7 +20,7 @@ from models.base import NonFiniteLoss
 from utils.config import Config, ConfigError, build_config, describe_keys, load_config, parse_overrides
 from utils.data_manager import DataManager
 from utils.datasets import DataError, load_dataset
-from utils.io import new_run_dir, save_json
+from utils.io import CheckpointError, new_run_dir, save_json
 
 #: Keys a resumed run may change: they do not alter the experiment.
 RESUME_KEYS = {"max_tasks", "num_workers", "progress", "device"}
@@ -134,9 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         data = load_dataset(cfg)
         for seed in cfg.seeds:
             run_seed(replace(cfg, seed=seed), seed, data, device)
-    except (ConfigError, DataError, BackboneError) as e:
+    except (ConfigError, DataError, BackboneError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: completed tasks are saved; continue with python main.py --resume RUN_DIR "
+              "(the run folder is printed at the start of the log)", file=sys.stderr)
+        return 130
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

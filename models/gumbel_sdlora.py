@@ -21,7 +21,7 @@ from backbone.gate import GumbelGate
 from models import register
 from models.base import Learner, log
 from utils.gumbel_utils import gumbel_sparsemax, sparsity_loss, temperature
-from utils.io import save_torch
+from utils.io import load_tensors, save_torch
 
 
 @register("gumbel_sdlora")
@@ -184,6 +184,13 @@ class GumbelSDLoRA(Learner):
         save_torch(self.run_dir / f"beta_values_task_{task}.pt", record)
         save_torch(self.run_dir / "pruning_mask.pt", gate.pruning_mask.cpu().clone())
         super().end_task(task)
+
+    def restore(self, dm, done: int) -> None:
+        """Resume: the mask file is rewritten from the last completed task's checkpoint first, since a
+        crash during that task's successor may have left a later decision in it."""
+        ck = load_tensors(self.run_dir / f"task_{done}.safetensors")
+        save_torch(self.run_dir / "pruning_mask.pt", ck["gate.pruning_mask"].clone())
+        super().restore(dm, done)
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         n = self.gate.n_tasks

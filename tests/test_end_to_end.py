@@ -126,3 +126,21 @@ def test_real_cifar_with_real_vit_small(tmp_path):
     m = json.loads((rd / "metrics.json").read_text())
     assert len(m["A"]) == 2 and m["active_adapters"] == [1, 2]
     assert json.loads((rd / "config.json").read_text())["pretrained_path"] == str(VIT_S)
+
+
+def test_resume_reports_a_corrupt_checkpoint(tiny, tmp_path, capsys):
+    rd = run(dict(tiny, max_tasks=2), tmp_path)
+    (rd / "task_1.safetensors").write_bytes(b"not a checkpoint")
+    assert main(["--resume", str(rd), "--max_tasks", "3"]) == 2
+    assert "task_1.safetensors' is corrupt" in capsys.readouterr().err
+    assert json.loads((rd / "metrics.json").read_text())["A"]  # nothing saved was lost
+
+
+def test_gumbel_resume_ignores_a_later_decision_left_by_a_crash(tiny, tmp_path):
+    cfg = dict(tiny, **GUMBEL)
+    full = run(cfg, tmp_path)
+    part = run(dict(cfg, max_tasks=2), tmp_path)
+    torch.save(torch.tensor([0.0, 0.0]), part / "pruning_mask.pt")  # a decision the crash left behind
+    assert main(["--resume", str(part), "--max_tasks", "3"]) == 0
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, part))
+    assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["active_adapters"] == b["active_adapters"]

@@ -40,15 +40,19 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing or cannot be read; the message names the file."""
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Read a .safetensors file, with an error that names the file when it is missing or corrupt."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+        raise CheckpointError(f"checkpoint '{path}' does not exist (was the run made with save_adapters false?)")
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"checkpoint '{path}' is corrupt or not a safetensors file: {e}") from None
+        raise CheckpointError(f"checkpoint '{path}' is corrupt or not a safetensors file: {e}") from None
 
 
 def save_torch(path: Path, obj: Any) -> None:
