@@ -28,6 +28,7 @@ def test_defaults_and_resolution():
     ({"model_name": "gumbel_sdlora", "gate_scope": "previous", "prune_scope": "new"}, "can never prune"),
     ({"lrate": float("nan")}, "'lrate'"),
     ({"model_name": "gumbel_sdlora", "epochs": 1}, "leaves phase 2"),
+    ({"model_name": "gumbel_sdlora", "two_phase": False, "phase1_fraction": 0.5}, "only applies with"),
     ({"crop_scale": [0.9, 0.1]}, "'crop_scale'"),
 ])
 def test_rejections_name_the_key(raw, needle):

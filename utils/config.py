@@ -283,9 +283,9 @@ def _cross_checks(cfg: Config, raw: dict) -> list[str]:
     if cfg.pretrained_path and not cfg.pretrained:
         errs.append("config key 'pretrained_path' is set but 'pretrained' is false; set pretrained to true")
     if cfg.model_name == "gumbel_sdlora":
+        d = Config()
         if cfg.gumbel_tau_final > cfg.gumbel_tau_init:
             errs.append("config key 'gumbel_tau_final' must be <= 'gumbel_tau_init'")
-        d = Config()
         if raw.get("prune_samples", d.prune_samples) != d.prune_samples and cfg.prune_rule != "frequency":
             errs.append("config key 'prune_samples' only applies to \"prune_rule\": \"frequency\"")
         if raw.get("prune_threshold", d.prune_threshold) != d.prune_threshold and cfg.prune_rule != "frequency":
@@ -295,6 +295,11 @@ def _cross_checks(cfg: Config, raw: dict) -> list[str]:
             if key == "epochs" and cfg.two_phase and e is not None and math.ceil(cfg.phase1_fraction * e) >= e:
                 errs.append(f"config key '{key}' = {e} with phase1_fraction {cfg.phase1_fraction} leaves phase 2 "
                             "no epoch, so new adapters never train; raise 'epochs' or lower 'phase1_fraction'")
+        if not cfg.two_phase:
+            for key in ("phase1_fraction", "alpha_lr", "lambda_alpha"):
+                if raw.get(key, getattr(d, key)) != getattr(d, key):
+                    errs.append(f"config key '{key}' only applies with \"two_phase\": true; remove it or "
+                                "set two_phase to true")
         if cfg.prune_scope == "new" and cfg.gate_scope == "previous":
             errs.append('"prune_scope": "new" with "gate_scope": "previous" can never prune (the new adapter '
                         'is not gated); use "prune_scope": "all" or "gate_scope": "all"')
