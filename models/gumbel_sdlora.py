@@ -145,7 +145,8 @@ class GumbelSDLoRA(Learner):
             gate.prune(pruned)
             self.net.backbone.configure()
         self.decision = {"beta_values": beta_full.squeeze(0) if rows == 1 else beta_full,
-                         "selection_freq": freq_full, "tau": tau}
+                         "selection_freq": freq_full, "tau": tau,
+                         "gated": torch.tensor([t in gated for t in range(n_all)])}
         self._print_decision(task, pruned, beta_full, freq_full)
         return pruned
 
@@ -159,6 +160,9 @@ class GumbelSDLoRA(Learner):
                      f"over {c.prune_samples} samples")
         else:
             log.info(f"[Conditional Growth] Pruning threshold: {c.growth_threshold:.1e} (sparsemax zeros)")
+        if self.cfg.gate_scope == "previous" and self.gate.current is not None:
+            log.info(f"[Conditional Growth] Task {task}'s own adapter is not gated (gate_scope previous): "
+                     "its beta is shown as 0, its g is 1")
         for t in pruned:
             extra = f", freq={float(freq_full[t]):.2f}" if freq_full is not None else ""
             log.info(f"✗ Pruned task {t} (beta={shown[t]:.6f} ≈ 0{extra})")
@@ -174,6 +178,7 @@ class GumbelSDLoRA(Learner):
             "task": task,
             "beta_values": self.decision["beta_values"].cpu(),
             "pruning_mask": gate.pruning_mask.cpu().clone(),
+            "gated": self.decision["gated"],
             "selection_freq": None if self.decision["selection_freq"] is None
             else self.decision["selection_freq"].cpu(),
             "tau": self.decision["tau"],

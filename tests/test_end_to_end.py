@@ -94,7 +94,7 @@ def test_gumbel_prunes_end_to_end_and_mask_persists(tiny, tmp_path):
     assert mask.shape == (5,) and mask.sum() == m["active_adapters"][-1]
     for t in range(5):
         rec = torch.load(rd / f"beta_values_task_{t}.pt", weights_only=True)
-        assert {"beta_values", "pruning_mask", "selection_freq", "tau", "alpha", "logits"} <= set(rec)
+        assert {"beta_values", "pruning_mask", "selection_freq", "tau", "alpha", "logits", "gated"} <= set(rec)
     masks = [torch.load(rd / f"beta_values_task_{t}.pt", weights_only=True)["pruning_mask"] for t in range(5)]
     for a, b in zip(masks, masks[1:]):  # once pruned, pruned for good
         assert (b[: len(a)] <= a).all()
