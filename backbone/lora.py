@@ -150,6 +150,7 @@ class LoRAQKV(nn.Module):
             Bs = [self.lora_B[str(i)].detach() for i in self.frozen]
             self._A_old = torch.cat(As, dim=1).contiguous()
             self._B_old = torch.cat(Bs, dim=2).contiguous()
+            self._share_storage()
             norms = torch.stack([adapter_norm(a, b, self.direction_norm) for a, b in zip(As, Bs)], dim=1)
             # (P, n_frozen). An adapter that never trained (B = 0) has no direction: it adds 0, not NaN.
             self._inv_norm = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
@@ -157,6 +158,21 @@ class LoRAQKV(nn.Module):
             # rank row -> its adapter's position, so per-step scales are one gather (no host transfer)
             owner = [i for i, r in enumerate(self._ranks_old) for _ in range(r)]
             self._row_owner = torch.tensor(owner, dtype=torch.long, device=self._A_old.device)
+
+    def _share_storage(self) -> None:
+        """Frozen adapters are stored once: their per-task tensors become views into the stack.
+        Adapters left out of the stack (pruned) get their own copy, so an old stack can be freed."""
+        start = 0
+        for i in self.frozen:
+            k = str(i)
+            r = self.lora_A[k].shape[1]
+            self.lora_A[k].data = self._A_old[:, start:start + r]
+            self.lora_B[k].data = self._B_old[:, :, start:start + r]
+            start += r
+        for k in self.lora_A:
+            if int(k) not in self.frozen and int(k) != self.current:
+                self.lora_A[k].data = self.lora_A[k].data.clone()
+                self.lora_B[k].data = self.lora_B[k].data.clone()
 
     @property
     def n_active(self) -> int:
@@ -197,14 +213,14 @@ class LoRAQKV(nn.Module):
     def _forward_stacked(self, x2: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
         A, B = self._factors()
         s = self._scales(coeff)
-        P, R = A.shape[0], A.shape[1]
-        h = x2 @ A.reshape(P * R, self.dim).t()  # (N, P*R): one product for every slice and adapter
-        out = self.base(x2)
-        d = self.dim
+        P, R, d = A.shape[0], A.shape[1], self.dim
+        h = (x2 @ A.reshape(P * R, d).t()) * s.reshape(1, P * R)  # (N, P*R): every slice and adapter at once
+        # B laid out against the whole qkv output (zeros outside the target slices), so the sum lands
+        # in one fused GEMM on top of the frozen projection, with no strided in-place slice updates
+        B_full = B.new_zeros(3 * d, P * R)
         for p, o in enumerate(self.offsets):
-            hp = h[:, p * R:(p + 1) * R] * s[p]
-            out[:, o:o + d] += hp @ B[p].t()
-        return out
+            B_full[o:o + d, p * R:(p + 1) * R] = B[p]
+        return torch.addmm(F.linear(x2, self.base.weight, self.base.bias), h, B_full.t())
 
     def _forward_merged(self, x2: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
         return _DeltaLinear.apply(x2, self.base.weight, self.base.bias, self.delta_weight(coeff), self.offsets)

@@ -15,7 +15,7 @@ Eval: the framework merges the adapters into qkv (one cached weight); ``loop`` e
 per-adapter loop, as the published code does.
 
 Memory. On CUDA: torch.cuda.max_memory_allocated. On CPU, where torch keeps no allocator statistics:
-parameters + gradients + the tensors autograd saves for backward (unique storages), i.e. what the
+parameters, buffers and the tensors autograd saves for backward (unique storages) + gradients: what the
 training step holds at its peak; it is exact for what grows with the number of tasks.
 """
 from __future__ import annotations
@@ -76,65 +76,78 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_it(fn, device: str, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
+def _timed(fn, device: str) -> float:
     _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return 1000 * (time.perf_counter() - t0)
 
 
-def measure(args, variant: str, n_tasks: int) -> dict:
-    model = build(args, variant, n_tasks)
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=args.device)
-    y = torch.randint(0, 100, (args.batch,), device=args.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if args.amp else torch.autocast("cpu", enabled=False)
-    xin = x.clone().requires_grad_(variant == "plain")  # the floor's backward must cross the backbone too
+class Case:
+    """One variant at one task count: its model, a training step, an eval batch, its peak memory."""
 
-    def train_step():
-        model.train()
-        with amp:
-            loss = nn.functional.cross_entropy(model(xin).float(), y)
-        opt.zero_grad(set_to_none=True)
+    def __init__(self, args, variant: str, n_tasks: int):
+        self.args, self.variant = args, variant
+        self.model = build(args, variant, n_tasks)
+        self.x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=args.device)
+        self.y = torch.randint(0, 100, (args.batch,), device=args.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(self.params, lr=1e-3, momentum=0.9)
+        self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if args.amp
+                    else torch.autocast("cpu", enabled=False))
+        # the floor's backward must cross the backbone too, as the adapter runs' does
+        self.xin = self.x.clone().requires_grad_(variant == "plain")
+        self.train_ms: list[float] = []
+        self.eval_ms: list[float] = []
+
+    def loss(self):
+        self.model.train()
+        with self.amp:
+            return nn.functional.cross_entropy(self.model(self.xin).float(), self.y)
+
+    def train_step(self) -> None:
+        loss = self.loss()
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-
-    reference_eval = variant == "loop"
+        self.opt.step()
 
     @torch.no_grad()
-    def eval_step():
-        if reference_eval:   # the published code's eval: the per-adapter loop, no merge
-            model.train()
+    def eval_step(self) -> None:
+        if self.variant == "loop":   # the published code's eval: the per-adapter loop, no merge
+            self.model.train()
         else:
-            model.eval()
-        with amp:
-            model(x)
+            self.model.eval()
+        with self.amp:
+            self.model(self.x)
 
-    train_ms = time_it(train_step, args.device, args.warmup, args.repeats)
-    eval_ms = time_it(eval_step, args.device, args.warmup, args.repeats)
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        train_step()
-        peak = torch.cuda.max_memory_allocated()
-    else:
+    def peak_mb(self) -> float:
+        if self.args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            self.train_step()
+            return torch.cuda.max_memory_allocated() / 2**20
         saved = SavedBytes()
-        model.train()
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-            with amp:
-                loss = nn.functional.cross_entropy(model(xin).float(), y)
-        static = sum(p.numel() * p.element_size() for p in model.parameters())
-        static += sum(b.numel() * b.element_size() for b in model.buffers())
-        grads = sum(p.numel() * p.element_size() for p in params)
-        peak = static + grads + saved.total
+            loss = self.loss()
         del loss
-    return {"train": train_ms, "eval": eval_ms, "peak": peak / 2**20}
+        for t in list(self.model.parameters()) + list(self.model.buffers()):  # unique storages: views count once
+            saved.pack(t)
+        grads = sum(p.numel() * p.element_size() for p in self.params)
+        return (grads + saved.total) / 2**20
+
+
+def measure_all(args, cases: list[Case]) -> None:
+    """Warm up every case, then time them interleaved, round after round, so that the machine's
+    drift (other load, clocks, caches) falls on every variant alike."""
+    for c in cases:
+        for _ in range(args.warmup):
+            c.train_step()
+            c.eval_step()
+    for _ in range(args.repeats):
+        for c in cases:
+            c.train_ms.append(_timed(c.train_step, args.device))
+        for c in cases:
+            c.eval_ms.append(_timed(c.eval_step, args.device))
 
 
 def main(argv=None) -> None:
@@ -148,33 +161,42 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args(argv)
     if args.amp and not args.device.startswith("cuda"):
         ap.error("--amp needs --device cuda")
 
     print(f"# {args.model} img {args.img_size} batch {args.batch} rank {args.rank} device {args.device}"
           f"{' bf16' if args.amp else ''} threads {torch.get_num_threads()} torch {torch.__version__}")
-    plain = measure(args, "plain", 0) if "plain" in args.variants else None
-    rows = {}
-    print(f"{'t':>3} {'variant':8} {'train ms':>9} {'x plain':>8} {'eval ms':>8} {'x plain':>8} "
+    print(f"{'t':>3} {'variant':8} {'train ms':>9} {'(min)':>7} {'x plain':>8} {'eval ms':>8} {'x plain':>8} "
           f"{'peak MB':>8} {'x t=first':>9}")
+    rows = {}
     for t in args.tasks:
-        for v in args.variants:
-            r = plain if v == "plain" else measure(args, v, t)
-            rows[(t, v)] = r
-            first = rows.get((args.tasks[0], v), r)
-            rt = f"{r['train'] / plain['train']:8.3f}" if plain else "       -"
-            re_ = f"{r['eval'] / plain['eval']:8.3f}" if plain else "       -"
-            print(f"{t:3d} {v:8} {r['train']:9.1f} {rt} {r['eval']:8.1f} {re_} {r['peak']:8.1f} "
-                  f"{r['peak'] / first['peak']:9.3f}", flush=True)
+        cases = [Case(args, v, t) for v in args.variants]
+        measure_all(args, cases)
+        by = {c.variant: c for c in cases}
+        base = by.get("plain")
+        for c in cases:
+            r = {"train": statistics.median(c.train_ms), "train_min": min(c.train_ms),
+                 "eval": statistics.median(c.eval_ms), "peak": c.peak_mb()}
+            rows[(t, c.variant)] = r
+            first = rows.get((args.tasks[0], c.variant), r)
+            rt = f"{r['train'] / statistics.median(base.train_ms):8.3f}" if base else "       -"
+            re_ = f"{r['eval'] / statistics.median(base.eval_ms):8.3f}" if base else "       -"
+            print(f"{t:3d} {c.variant:8} {r['train']:9.1f} {r['train_min']:7.1f} {rt} {r['eval']:8.1f} {re_} "
+                  f"{r['peak']:8.1f} {r['peak'] / first['peak']:9.3f}", flush=True)
+        if base:
+            for c in cases:
+                rows[(t, c.variant)]["train_ratio"] = rows[(t, c.variant)]["train"] / statistics.median(base.train_ms)
+                rows[(t, c.variant)]["eval_ratio"] = rows[(t, c.variant)]["eval"] / statistics.median(base.eval_ms)
+        del cases, by, base
 
     last, first = args.tasks[-1], args.tasks[0]
-    if plain and (last, "auto") in rows:
+    if (last, "plain") in rows and (last, "auto") in rows:
         a = rows[(last, "auto")]
-        print(f"\n# targets at t={last} (framework = auto):")
-        print(f"train step / plain        {a['train'] / plain['train']:.3f}   (target <= 1.10)")
-        worst = max(rows[(t, 'auto')]['eval'] / plain['eval'] for t in args.tasks if (t, 'auto') in rows)
+        print(f"\n# targets at t={last} (framework = auto), ratios to plain measured in the same rounds:")
+        print(f"train step / plain        {a['train_ratio']:.3f}   (target <= 1.10)")
+        worst = max(rows[(t, 'auto')]['eval_ratio'] for t in args.tasks)
         print(f"eval batch / plain (max)  {worst:.3f}   (target <= 1.02)")
         print(f"peak memory t={last} / t={first}  {a['peak'] / rows[(first, 'auto')]['peak']:.3f}   (target <= 1.05)")
         if (last, "loop") in rows:

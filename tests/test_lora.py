@@ -182,3 +182,15 @@ def test_untrained_frozen_adapter_adds_zero_not_nan(strategy):
     x = torch.randn(3, D)
     want = brute_force(layer, x, torch.tensor([0.5, 0.0]), [0, 1], None)
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_adapters_are_stored_once():
+    layer = make_layer()
+    layer.configure(frozen=[0, 1, 2], current=None)
+    stack = layer._A_old.untyped_storage().data_ptr()
+    assert all(layer.lora_A[k].untyped_storage().data_ptr() == stack for k in "012")
+    layer.configure(frozen=[0, 2], current=None)  # adapter 1 pruned: it no longer pins the old stack
+    assert layer.lora_A["1"].untyped_storage().data_ptr() != layer._A_old.untyped_storage().data_ptr()
+    x = torch.randn(3, D)
+    layer.coeff = torch.tensor([0.5, 2.0])
+    torch.testing.assert_close(layer(x), brute_force(layer, x, layer.coeff, [0, 2], None), rtol=1e-5, atol=1e-5)
