@@ -42,18 +42,24 @@ class _DeltaLinear(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, bias, delta, offsets):
-        w = weight.clone()
-        d = delta.shape[-1]
-        for p, o in enumerate(offsets):
-            w[o:o + d] += delta[p].to(w.dtype)
-        ctx.save_for_backward(x, w)
+        w = _DeltaLinear.merged(weight, delta, offsets)
+        ctx.save_for_backward(x, weight, delta)  # delta (P d^2), not the merged W (3 d^2): rebuilt below
         ctx.offsets, ctx.delta_dtype = offsets, delta.dtype
         return F.linear(x, w, bias)
 
     @staticmethod
+    def merged(weight, delta, offsets):
+        w = weight.clone()
+        d = delta.shape[-1]
+        for p, o in enumerate(offsets):
+            w[o:o + d] += delta[p].to(w.dtype)
+        return w
+
+    @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g):
-        x, w = ctx.saved_tensors
+        x, weight, delta = ctx.saved_tensors
+        w = _DeltaLinear.merged(weight, delta, ctx.offsets)
         gx = g @ w.to(g.dtype) if ctx.needs_input_grad[0] else None
         gd = None
         if ctx.needs_input_grad[3]:
@@ -206,9 +212,21 @@ class LoRAQKV(nn.Module):
         return torch.cat([self._A_old, self.lora_A[k]], 1), torch.cat([self._B_old, self.lora_B[k]], 2)
 
     def delta_weight(self, coeff: torch.Tensor) -> torch.Tensor:
-        """The adapters' weight change per slice, (P, d, d) = B diag(s) A."""
-        A, B = self._factors()
-        return torch.bmm(B * self._scales(coeff)[:, None, :], A)
+        """The adapters' weight change per slice, (P, d, d) = B diag(s) A.
+
+        The frozen stack and the current adapter are multiplied apart: the frozen factors are
+        buffers, so autograd keeps no per-step copy of them (memory flat in the number of tasks).
+        """
+        s = self._scales(coeff)
+        n_old = sum(self._ranks_old)
+        delta = None
+        if self.frozen:
+            delta = torch.bmm(self._B_old * s[:, None, :n_old], self._A_old)
+        if self.current is not None:
+            k = str(self.current)
+            cur = torch.bmm(self.lora_B[k] * s[:, None, n_old:], self.lora_A[k])
+            delta = cur if delta is None else delta + cur
+        return delta
 
     def _forward_stacked(self, x2: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
         A, B = self._factors()
