@@ -14,7 +14,8 @@ the rank axis, so the sum is one low-rank product whatever the number of tasks:
   no per-adapter activations. Cost ~ tokens x d^2 per slice, flat in the number of tasks.
 - ``loop``: one small product per adapter, norms recomputed every step: the published code's way,
   kept as the reference for tests and benchmarks.
-- ``auto``: stacked or merged per call, by the cost model in ``prefer_stacked``.
+- ``auto``: stacked or merged per call, by the cost model in ``prefer_stacked`` (stacked only for
+  small total rank, R < d / 16).
 
 In eval mode the whole sum is merged into a cached copy of the qkv weight, so inference costs
 exactly what the plain ViT costs.
@@ -83,11 +84,14 @@ def adapter_norm(A: torch.Tensor, B: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def prefer_stacked(tokens: int, dim: int, rank: int) -> bool:
-    """Cost model: stacked costs ~4 N d R per slice (forward and backward), merged ~N d^2 + 3 d^2 R.
+    """Cost model: stacked ~ c N d R (forward and backward), merged ~ N d^2 + 3 d^2 R per slice.
 
-    N = tokens in the batch, d = width, R = total rank of the active adapters.
+    N = tokens in the batch, d = width, R = total rank of the active adapters. Counting flops gives
+    c = 4; stacked's N x R element-wise work is memory-bound, and on 2 CPU cores (vit_tiny, batch 8)
+    merged was already level at R = 10 and ahead from R = 50 (benchmarks/adapters.py), so c = 16:
+    stacked only while R < d / 16. Merged also keeps activation memory flat in R; stacked does not.
     """
-    return 4 * tokens * rank < tokens * dim + 3 * dim * rank
+    return 16 * tokens * rank < tokens * dim + 3 * dim * rank
 
 
 class LoRAQKV(nn.Module):
