@@ -11,8 +11,8 @@ peak training memory, and each one's ratio to a plain frozen ViT measured in the
 Variants: ``plain`` (frozen ViT, no adapters: the floor; its backward runs through the backbone to
 the input, as the adapter runs' does), ``loop`` (the published per-adapter loop, the reference),
 ``stacked``, ``merged`` and ``auto`` (the framework's default: stacked or merged by a cost model).
-Eval: the framework merges the adapters into qkv (one cached weight); ``loop`` evaluates with the
-per-adapter loop, as the published code does.
+Eval: the framework merges the adapters into qkv (one cached weight, built once per evaluation and
+not timed per batch); ``loop`` evaluates with the per-adapter loop, as the published code does.
 
 Memory. On CUDA: torch.cuda.max_memory_allocated. On CPU, where torch keeps no allocator statistics:
 parameters, buffers and the tensors autograd saves for backward (unique storages) + gradients: what the
@@ -113,6 +113,13 @@ class Case:
         self.opt.step()
 
     @torch.no_grad()
+    def prepare_eval(self) -> None:
+        """Merge once, as an evaluation does once per test set (a training step un-merges)."""
+        if self.variant != "loop":
+            self.model.eval()
+            self.model[0].merge()
+
+    @torch.no_grad()
     def eval_step(self) -> None:
         if self.variant == "loop":   # the published code's eval: the per-adapter loop, no merge
             self.model.train()
@@ -147,6 +154,7 @@ def measure_all(args, cases: list[Case]) -> None:
         for c in cases:
             c.train_ms.append(_timed(c.train_step, args.device))
         for c in cases:
+            c.prepare_eval()
             c.eval_ms.append(_timed(c.eval_step, args.device))
 
 
