@@ -85,7 +85,6 @@ class GumbelGate(AdapterGate):
         self.register_buffer("tau_eval", torch.tensor(1.0))
         self.tau: float = 1.0      # training temperature, set by the learner every step
         self.noise: bool = True    # Gumbel noise in training (off in phase 2 and in eval)
-        self.generator: Optional[torch.Generator] = None
 
     def add_task(self, task: int, alpha_init: float) -> None:
         super().add_task(task, alpha_init)
@@ -103,7 +102,7 @@ class GumbelGate(AdapterGate):
         """beta over the gated adapters: (rows, n_gated), rows = 1 or n_layers."""
         tasks = self.gated_tasks()
         logits = torch.stack([self.logits[str(t)] for t in tasks], dim=-1)  # (rows, n)
-        return gumbel_sparsemax(logits, tau, noise=noise, generator=self.generator)
+        return gumbel_sparsemax(logits, tau, noise=noise)
 
     def coefficients(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         gated = self.gated_tasks()

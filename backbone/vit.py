@@ -85,10 +85,6 @@ class LoRAViT(nn.Module):
         self.gate.current = None
         self.configure()
 
-    def set_strategy(self, strategy: str) -> None:
-        for layer in self.layers:
-            layer.strategy = strategy
-
     def _push_coefficients(self) -> None:
         w, beta = self.gate.coefficients()
         self.last_beta = beta

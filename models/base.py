@@ -184,13 +184,13 @@ class Learner:
 
     def fit(self, task: int, loader: DataLoader, groups: list[dict], epochs: int, desc: str,
             extra_loss: Optional[Callable[[], torch.Tensor]] = None,
-            on_step: Optional[Callable[[], None]] = None, lr: Optional[float] = None) -> None:
+            on_step: Optional[Callable[[], None]] = None) -> None:
         """The epoch loop: masked CE (+ extra_loss), optimiser and schedule from the config.
 
         One host-device sync per epoch (the loss check and the log line), none per step.
         """
         s = self._task_opt_settings(task)
-        opt = build_optimizer(self.cfg.optimizer, groups, lr or s["lr"], s["weight_decay"], self.cfg.momentum)
+        opt = build_optimizer(self.cfg.optimizer, groups, s["lr"], s["weight_decay"], self.cfg.momentum)
         sched = build_scheduler(self.cfg.scheduler, opt, epochs, s["milestones"], s["decay"], self.cfg.min_lr)
         lo = self.net.head.out_features - self._n_new
         seen_lo = lo if task > 0 and self.cfg.mask_old_logits else 0  # train accuracy over the logits the loss sees
