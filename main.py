@@ -17,7 +17,8 @@ import torch
 from backbone.vit import BackboneError
 from models import get_learner
 from models.base import NonFiniteLoss
-from utils.config import Config, ConfigError, build_config, describe_keys, load_config, parse_overrides
+from utils.config import (Config, ConfigError, build_config, check_device, describe_keys, load_config,
+                          parse_overrides)
 from utils.data_manager import DataManager
 from utils.datasets import DataError, load_dataset
 from utils.io import CheckpointError, new_run_dir, save_json
@@ -128,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--config is required (for example --config=exps/demo.json)")
         cfg = load_config(args.config, overrides)
         device = resolve_device(cfg.device)
-        if device.type != "cuda" and (cfg.amp or cfg.compile):
-            raise ConfigError(f"config keys 'amp' and 'compile' need a CUDA device, but the run is on '{device}'; "
-                              "set them to false")
+        check_device(cfg, device.type)  # before any work: no run folder yet
         data = load_dataset(cfg)
         for seed in cfg.seeds:
             run_seed(replace(cfg, seed=seed), seed, data, device)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from backbone.gate import AdapterGate
 from backbone.head import GrowingHead
 from backbone.vit import LoRAViT, create_vit
-from utils.config import Config, ConfigError
+from utils.config import Config, check_device
 from utils.data_manager import DataManager
 from utils.io import load_tensors, save_json, save_tensors
 from utils.metrics import summarize, topk_correct
@@ -141,9 +141,7 @@ class Learner:
         return self.net.backbone.gate
 
     def _check_device(self) -> None:
-        if self.device.type != "cuda" and (self.cfg.amp or self.cfg.compile):
-            raise ConfigError("config keys 'amp' and 'compile' need a CUDA device; set them to false on "
-                              f"'{self.device}'")
+        check_device(self.cfg, self.device.type)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = self.cfg.tf32
             torch.backends.cudnn.allow_tf32 = self.cfg.tf32

@@ -230,6 +230,7 @@ def _describe(hint: Any) -> str:
 
 
 HINTS = typing.get_type_hints(Config)
+DEFAULTS = Config()
 
 
 def _unknown_key_message(key: str) -> str:
@@ -258,13 +259,12 @@ def build_config(raw: dict) -> Config:
     if errors:
         raise ConfigError("\n".join(errors))
     cfg = Config(**raw)
-    defaults = Config()
     errors = [  # a method key set away from its default would silently do nothing: refuse it
         f"config key '{key}' is not used by model_name '{cfg.model_name}' (it belongs to "
         f"{', '.join(FIELDS[key].metadata['methods'])}); remove it"
         for key in raw
         if FIELDS[key].metadata["methods"] and cfg.model_name not in FIELDS[key].metadata["methods"]
-        and raw[key] != getattr(defaults, key)
+        and raw[key] != getattr(DEFAULTS, key)
     ]
     errors += _cross_checks(cfg, raw)
     if errors:
@@ -278,23 +278,21 @@ def _cross_checks(cfg: Config, raw: dict) -> list[str]:
         errs.append("config keys 'milestones'/'init_milestones' only apply to \"scheduler\": \"multistep\"")
     if cfg.scheduler != "cosine" and "min_lr" in raw and cfg.min_lr:
         errs.append("config key 'min_lr' only applies to \"scheduler\": \"cosine\"")
-    if cfg.optimizer != "sgd" and raw.get("momentum", 0.9) != 0.9:
+    d = DEFAULTS
+    if cfg.optimizer != "sgd" and raw.get("momentum", d.momentum) != d.momentum:
         errs.append("config key 'momentum' only applies to \"optimizer\": \"sgd\"")
     if cfg.pretrained_path and not cfg.pretrained:
         errs.append("config key 'pretrained_path' is set but 'pretrained' is false; set pretrained to true")
     if cfg.model_name == "gumbel_sdlora":
-        d = Config()
         if cfg.gumbel_tau_final > cfg.gumbel_tau_init:
             errs.append("config key 'gumbel_tau_final' must be <= 'gumbel_tau_init'")
         if raw.get("prune_samples", d.prune_samples) != d.prune_samples and cfg.prune_rule != "frequency":
             errs.append("config key 'prune_samples' only applies to \"prune_rule\": \"frequency\"")
         if raw.get("prune_threshold", d.prune_threshold) != d.prune_threshold and cfg.prune_rule != "frequency":
             errs.append("config key 'prune_threshold' only applies to \"prune_rule\": \"frequency\"")
-        for key in ("epochs", "init_epoch"):
-            e = getattr(cfg, key)
-            if key == "epochs" and cfg.two_phase and e is not None and math.ceil(cfg.phase1_fraction * e) >= e:
-                errs.append(f"config key '{key}' = {e} with phase1_fraction {cfg.phase1_fraction} leaves phase 2 "
-                            "no epoch, so new adapters never train; raise 'epochs' or lower 'phase1_fraction'")
+        if cfg.two_phase and math.ceil(cfg.phase1_fraction * cfg.epochs) >= cfg.epochs:  # task 0 is single-phase
+            errs.append(f"config key 'epochs' = {cfg.epochs} with phase1_fraction {cfg.phase1_fraction} leaves "
+                        "phase 2 no epoch, so new adapters never train; raise 'epochs' or lower 'phase1_fraction'")
         if not cfg.two_phase:
             for key in ("phase1_fraction", "alpha_lr", "lambda_alpha"):
                 if raw.get(key, getattr(d, key)) != getattr(d, key):
@@ -353,11 +351,17 @@ def load_config(path: Optional[str], overrides: Optional[dict] = None) -> Config
 
 
 def describe_keys() -> str:
-    """Every key, its type, default, the methods it belongs to and its help line."""
-    defaults = Config()
+    """Every key with its default, its help line and (if not every method) the methods it belongs to."""
     lines = []
     for name, f in FIELDS.items():
         methods = f.metadata["methods"]
         scope = f" [{', '.join(methods)}]" if methods and methods != LORA_METHODS else ""
-        lines.append(f"{name:24s} {json.dumps(getattr(defaults, name)):38s} {f.metadata['help']}{scope}")
+        lines.append(f"{name:24s} {json.dumps(getattr(DEFAULTS, name)):38s} {f.metadata['help']}{scope}")
     return "\n".join(lines)
+
+
+def check_device(cfg: Config, device_type: str) -> None:
+    """amp and compile are CUDA features: refuse them elsewhere rather than silently run without."""
+    if device_type != "cuda" and (cfg.amp or cfg.compile):
+        raise ConfigError(f"config keys 'amp' and 'compile' need a CUDA device, but the run is on "
+                          f"'{device_type}'; set them to false")
