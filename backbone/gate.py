@@ -73,44 +73,103 @@ class AdapterGate(nn.Module):
         return self.current is not None and self._active[self.current]
 
 
+class FoldGate(AdapterGate):
+    """SD-LoRA-KD: w_i = alpha_i + fold_i, where ``fold`` (a buffer, never reset nor trained) holds the
+    coefficients of dropped adapters folded into the earlier magnitudes."""
+
+    def __init__(self, n_layers: int):
+        super().__init__(n_layers)
+        self.register_buffer("fold", torch.zeros(0))
+
+    def add_task(self, task: int, alpha_init: float) -> None:
+        super().add_task(task, alpha_init)
+        self.fold = torch.cat([self.fold, self.fold.new_zeros(1)])
+
+    def magnitude(self, task: int) -> torch.Tensor:
+        return self.alpha[str(task)] + self.fold[task]
+
+    def coefficients(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        tasks = self.frozen_active() + ([self.current] if self._current_active() else [])
+        return (torch.stack([self.magnitude(t) for t in tasks])[None] if tasks else None), None
+
+
 class GumbelGate(AdapterGate):
-    """alpha, logits l (init 0) and pruning mask; g = beta from Gumbel-Sparsemax."""
+    """alpha, logits l (init 0) and pruning mask; g = beta from Gumbel-Sparsemax.
+
+    Scopes: ``all`` gates every active adapter, ``previous`` the old ones (g_t = 1), ``new`` only the
+    current adapter, against a skip option whose logit is fixed at 0 (beta_t = 0: "no new adapter");
+    old adapters then keep the gate value their own task ended with (``anchor``), so a later task never
+    moves them. ``ungated`` (the warm-up) takes the current adapter out of the gate: g_t = 1.
+    """
 
     def __init__(self, n_layers: int, granularity: str = "task", scope: str = "all"):
         super().__init__(n_layers)
-        if granularity not in ("task", "layer") or scope not in ("all", "previous"):
+        if granularity not in ("task", "layer") or scope not in ("all", "previous", "new"):
             raise ValueError(f"bad gate settings granularity={granularity!r} scope={scope!r}")
         self.granularity, self.scope = granularity, scope
         self.logits = nn.ParameterDict()
         self.register_buffer("tau_eval", torch.tensor(1.0))
+        self.register_buffer("anchor", torch.ones(0))  # scope 'new': fixed g of each adapter after its task
+        self._anchor: list[float] = []  # host mirror: the hot path multiplies by floats, no device reads
         self.tau: float = 1.0      # training temperature, set by the learner every step
         self.noise: bool = True    # Gumbel noise in training (off in phase 2 and in eval)
+        self.ungated: bool = False  # warm-up: the current adapter has g = 1 and is not in the gate
+
+    @property
+    def rows(self) -> int:
+        return self.n_layers if self.granularity == "layer" else 1
 
     def add_task(self, task: int, alpha_init: float) -> None:
         super().add_task(task, alpha_init)
-        rows = self.n_layers if self.granularity == "layer" else 1
-        self.logits[str(task)] = nn.Parameter(torch.zeros(rows, device=self.pruning_mask.device))
+        self.logits[str(task)] = nn.Parameter(torch.zeros(self.rows, device=self.pruning_mask.device))
+        self.anchor = torch.cat([self.anchor, self.anchor.new_ones(1)])
+        self._anchor.append(1.0)
+
+    def set_anchor(self, task: int, value: float) -> None:
+        """Fix adapter ``task``'s gate value for every later task (scope 'new')."""
+        self.anchor[task] = value
+        self._anchor[task] = float(value)
+
+    def anchor_of(self, task: int) -> float:
+        return self._anchor[task]
+
+    def load_anchor(self, anchor: torch.Tensor) -> None:
+        for t, v in enumerate(anchor.tolist()[:self.n_tasks]):
+            self.set_anchor(t, v)
 
     def gated_tasks(self) -> list[int]:
-        """The adapters whose g is beta: every active one, or the old ones with scope 'previous'."""
-        tasks = self.frozen_active()
-        if self.scope == "all" and self._current_active():
-            tasks = tasks + [self.current]
-        return tasks
+        """The adapters whose g is beta (coefficient order), by scope; the current one not while ungated."""
+        cur = [self.current] if self._current_active() and not self.ungated else []
+        if self.scope == "new":
+            return cur
+        return self.frozen_active() + (cur if self.scope == "all" else [])
 
     def beta(self, tau: float, noise: bool) -> torch.Tensor:
-        """beta over the gated adapters: (rows, n_gated), rows = 1 or n_layers."""
+        """Gumbel-Sparsemax over the gated adapters: (rows, n_gated), plus, with scope 'new', a last
+        column for the skip option (logit 0)."""
         tasks = self.gated_tasks()
         logits = torch.stack([self.logits[str(t)] for t in tasks], dim=-1)  # (rows, n)
+        if self.scope == "new":
+            logits = torch.cat([logits, logits.new_zeros(logits.shape[0], 1)], dim=-1)
         return gumbel_sparsemax(logits, tau, noise=noise)
 
     def coefficients(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """w_i = alpha_i * g_i in coefficient order (frozen active, then current); g = beta for gated
+        adapters, the anchor for old ones under scope 'new', 1 otherwise."""
         gated = self.gated_tasks()
-        train = self.training
-        tau = self.tau if train else float(self.tau_eval)
-        beta = self.beta(tau, noise=train and self.noise) if gated else None
-        w = self.alphas(gated)[None] * beta if gated else None
-        if self.scope == "previous" and self._current_active():
-            cur = self.alpha[str(self.current)].reshape(1, 1)
-            w = cur if w is None else torch.cat([w, cur.expand(w.shape[0], 1)], dim=1)
-        return w, beta
+        tau = self.tau if self.training else float(self.tau_eval)
+        beta = self.beta(tau, noise=self.training and self.noise) if gated else None
+        col = {t: j for j, t in enumerate(gated)}
+        tasks = self.frozen_active() + ([self.current] if self._current_active() else [])
+        if not tasks:
+            return None, beta
+        cols = []
+        for t in tasks:
+            a = self.alpha[str(t)]
+            if t in col:
+                cols.append(a * beta[:, col[t]])
+            elif self.scope == "new" and t != self.current:
+                cols.append((a * self.anchor_of(t)).expand(self.rows))
+            else:
+                cols.append(a.expand(self.rows))
+        return torch.stack(cols, dim=-1), beta

@@ -83,6 +83,12 @@ def adapter_norm(A: torch.Tensor, B: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown direction_norm '{kind}'; use 'factors' or 'frobenius'")
 
 
+def direction_inner(A1: torch.Tensor, B1: torch.Tensor, A2: torch.Tensor, B2: torch.Tensor) -> torch.Tensor:
+    """Frobenius inner product <B1 A1, B2 A2> per slice, (P,), from r x r products only:
+    trace(A1^T B1^T B2 A2) = sum((B1^T B2) * (A1 A2^T))."""
+    return ((B1.transpose(1, 2) @ B2) * (A1 @ A2.transpose(1, 2))).sum(dim=(1, 2))
+
+
 def prefer_stacked(tokens: int, dim: int, rank: int) -> bool:
     """Cost model: stacked ~ c N d R (forward and backward), merged ~ N d^2 + 3 d^2 R per slice.
 

@@ -1,6 +1,8 @@
 """Gumbel CL-LoRA: SD-LoRA whose adapters are gated by Gumbel-Sparsemax and pruned when unused.
 
 SPEC section 3. Per task t >= 1 with ``two_phase``:
+  warm-up (``warmup_fraction`` of the epochs, 0 in the notes): the new adapter, alphas and head train
+      as in SD-LoRA with the new adapter ungated (g_t = 1), so that it is judged after it has learned;
   phase 1 (ceil(phase1_fraction * epochs) epochs): gate logits + head train, alphas and the new
       adapter frozen; loss = CE + lambda_sparsity * entropy(beta); tau anneals every step;
   growth decision: prune adapters by the threshold or frequency rule (never the top one);
@@ -14,13 +16,14 @@ back when the next task starts, so a pruned adapter never comes back.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from backbone.gate import GumbelGate
 from models import register
 from models.base import Learner, log
-from utils.gumbel_utils import gumbel_sparsemax, sparsity_loss, temperature
+from utils.gumbel_utils import gumbel_sparsemax, phase_temperature, sparsity_loss, temperature
 from utils.io import load_tensors, save_torch
 
 
@@ -37,6 +40,7 @@ class GumbelSDLoRA(Learner):
         self._load_mask_file()
         self.step = 0
         self.decision: dict = {}
+        self.probe: dict = {}
 
     def _load_mask_file(self) -> None:
         """Intersect the in-memory mask with pruning_mask.pt: once pruned, pruned for good."""
@@ -49,14 +53,23 @@ class GumbelSDLoRA(Learner):
     # ---- per-step pieces -------------------------------------------------------------------------
     def _anneal(self) -> None:
         c = self.cfg
-        self.gate.tau = temperature(self.step, c.gumbel_tau_init, c.gumbel_tau_final, c.gumbel_anneal_rate)
+        if c.gumbel_tau_schedule == "phase":
+            self.gate.tau = phase_temperature(self.step, self.phase_steps, c.gumbel_tau_init, c.gumbel_tau_final)
+        else:
+            self.gate.tau = temperature(self.step, c.gumbel_tau_init, c.gumbel_tau_final, c.gumbel_anneal_rate)
         self.step += 1
 
-    def _sparsity(self) -> torch.Tensor:
+    def _gate_loss(self) -> torch.Tensor:
+        """lambda_sparsity * entropy(beta) + growth_cost * (the new adapter's gate value)."""
+        c = self.cfg
         beta = self.net.backbone.last_beta
         if beta is None:
             return torch.zeros((), device=self.device)
-        return self.cfg.lambda_sparsity * sparsity_loss(beta, self.cfg.sparsity_eps)
+        loss = c.lambda_sparsity * sparsity_loss(beta, c.sparsity_eps)
+        gated = self.gate.gated_tasks()
+        if c.growth_cost and self.gate.current in gated:
+            loss = loss + c.growth_cost * beta[:, gated.index(self.gate.current)].mean()
+        return loss
 
     def _alpha_l2(self) -> torch.Tensor:
         alphas = [a for a in self.gate.alpha.values() if a.requires_grad]
@@ -67,9 +80,9 @@ class GumbelSDLoRA(Learner):
     # ---- what trains when --------------------------------------------------------------------------
     def set_trainable(self, logits: bool, alphas: bool, adapter: bool) -> None:
         """requires_grad per role; pruned adapters' alphas and logits never train. The head always does."""
-        active = set(self.gate.active_tasks())
+        active, gated = set(self.gate.active_tasks()), set(self.gate.gated_tasks())
         for k, p in self.gate.logits.items():
-            p.requires_grad_(logits and int(k) in active)
+            p.requires_grad_(logits and int(k) in gated)
         for k, p in self.gate.alpha.items():
             p.requires_grad_(alphas and int(k) in active)
         cur = self.gate.current
@@ -81,36 +94,80 @@ class GumbelSDLoRA(Learner):
         for p in self.net.head.parameters():
             p.requires_grad_(True)
 
-    def _groups(self) -> list[dict]:
-        """Alphas at ``alpha_lr`` (phase 2), everything else trainable at the task's learning rate."""
-        alpha_ids = {id(p) for p in self.gate.alpha.values()}
+    def _groups(self, alpha_lr: Optional[float] = None) -> list[dict]:
+        """Every trainable tensor at the task's learning rate, except the logits (``gate_lr``, when set)
+        and, given ``alpha_lr`` (phase 2), the alphas."""
+        own = {}
+        if alpha_lr is not None:
+            own.update({id(p): alpha_lr for p in self.gate.alpha.values()})
+        if self.cfg.gate_lr is not None:
+            own.update({id(p): self.cfg.gate_lr for p in self.gate.logits.values()})
         params = [p for p in self.net.parameters() if p.requires_grad]
-        return [{"params": [p for p in params if id(p) not in alpha_ids]},
-                {"params": [p for p in params if id(p) in alpha_ids], "lr": self.cfg.alpha_lr}]
+        groups = [{"params": [p for p in params if id(p) not in own]}]
+        for lr in sorted(set(own.values())):
+            mine = [p for p in params if own.get(id(p)) == lr]
+            if mine:
+                groups.append({"params": mine, "lr": lr})
+        return groups
 
     def train_task(self, task: int, loader) -> None:
-        c = self.cfg
+        c, gate = self.cfg, self.gate
         epochs = self.epochs(task)
-        self.gate.noise = True
+        gate.noise, gate.ungated = True, False
         if task == 0 or not c.two_phase:
+            # scope 'new' has nothing to weigh the first adapter against: it trains ungated and stays
+            gate.ungated = task == 0 and c.gate_scope == "new"
             self.set_trainable(logits=True, alphas=True, adapter=True)
-            self.fit(task, loader, self.param_groups(), epochs, f"Task {task}",
-                     extra_loss=self._sparsity, on_step=self._anneal)
-            self.gate.tau_eval.fill_(self.gate.tau)
+            self.phase_steps = len(loader) * epochs
+            self.fit(task, loader, self._groups(), epochs, f"Task {task}",
+                     extra_loss=self._gate_loss, on_step=self._anneal)
+            gate.tau_eval.fill_(gate.tau)
             self.decide(task)
+            gate.ungated = False
             return
+        e_w = math.ceil(c.warmup_fraction * epochs)
         e1 = math.ceil(c.phase1_fraction * epochs)
+        if e_w:  # warm-up: the new adapter learns ungated; old adapters as inference sees them
+            gate.ungated, gate.noise, gate.tau = True, False, float(gate.tau_eval)
+            self.set_trainable(logits=False, alphas=True, adapter=True)
+            self.fit(task, loader, self._groups(), e_w, f"Task {task} warm-up")
+            self._probe_need(task, loader)
+            gate.ungated, gate.noise = False, True
         self.set_trainable(logits=True, alphas=False, adapter=False)
-        self.fit(task, loader, self.param_groups(), e1, f"Task {task} phase 1",
-                 extra_loss=self._sparsity, on_step=self._anneal)
-        self.gate.tau_eval.fill_(self.gate.tau)
+        self.phase_steps = len(loader) * e1
+        self.fit(task, loader, self._groups(), e1, f"Task {task} phase 1",
+                 extra_loss=self._gate_loss, on_step=self._anneal)
+        gate.tau_eval.fill_(gate.tau)
         self.decide(task)
         # phase 2: beta fixed at its deterministic value at the tau phase 1 ended with
-        self.gate.noise = False
-        self.gate.tau = float(self.gate.tau_eval)
+        gate.noise = False
+        gate.tau = float(gate.tau_eval)
         self.set_trainable(logits=False, alphas=True, adapter=True)
-        if epochs - e1 > 0:
-            self.fit(task, loader, self._groups(), epochs - e1, f"Task {task} phase 2", extra_loss=self._alpha_l2)
+        if epochs - e_w - e1 > 0:
+            self.fit(task, loader, self._groups(c.alpha_lr), epochs - e_w - e1, f"Task {task} phase 2",
+                     extra_loss=self._alpha_l2)
+
+    @torch.no_grad()
+    def _probe_need(self, task: int, loader, batches: int = 2) -> None:
+        """Diagnostic after the warm-up: the task loss on a few training batches with the new adapter
+        at g = 1 and at g = 0 (its alpha zeroed for the probe). Logged and kept in the beta record."""
+        alpha = self.gate.alpha[str(task)]
+        kept = alpha.detach().clone()
+        lo = self.net.head.out_features - self._n_new
+        sums, n = [0.0, 0.0], 0
+        for i, (x, y) in enumerate(loader):
+            if i == batches:
+                break
+            x, y = x.to(self.device), y.to(self.device)
+            for j, scale in enumerate((1.0, 0.0)):
+                alpha.copy_(kept * scale)
+                with self._autocast():
+                    sums[j] += float(self.task_loss(self.net(x).float(), y, task, lo)) * len(y)
+            n += len(y)
+        alpha.copy_(kept)
+        self.probe = {"loss_with": sums[0] / n, "loss_without": sums[1] / n}
+        log.info(f"[Conditional Growth] Task {task} after warm-up: loss with the new adapter "
+                 f"{self.probe['loss_with']:.4f}, without {self.probe['loss_without']:.4f}")
 
     # ---- conditional growth ------------------------------------------------------------------------
     @torch.no_grad()
@@ -126,13 +183,16 @@ class GumbelSDLoRA(Learner):
         pruned: list[int] = []
         if gated:
             idx = torch.tensor(gated, device=self.device)
-            beta = gate.beta(tau, noise=False)                       # (rows, n)
+            n = len(gated)
+            beta = gate.beta(tau, noise=False)[:, :n]                # (rows, n); scope 'new' drops the skip
             beta_full[:, idx] = beta
             score = beta.max(0).values                               # selected in any block
             if c.prune_rule == "frequency":
                 logits = torch.stack([gate.logits[str(t)] for t in gated], -1)
+                if c.gate_scope == "new":
+                    logits = torch.cat([logits, logits.new_zeros(logits.shape[0], 1)], -1)
                 samples = gumbel_sparsemax(logits.expand(c.prune_samples, *logits.shape), tau, noise=True)
-                freq = (samples > 0).any(1).float().mean(0)          # (n,)
+                freq = (samples[..., :n] > 0).any(1).float().mean(0)  # (n,)
                 freq_full = torch.zeros(n_all, device=self.device)
                 freq_full[idx] = freq
                 drop = freq < c.prune_threshold
@@ -140,10 +200,17 @@ class GumbelSDLoRA(Learner):
                 drop = score <= c.growth_threshold
             if c.prune_scope == "new":
                 drop &= idx == task
-            drop[score.argmax()] = False                             # the top adapter always stays
+            if c.gate_scope != "new":  # the top adapter always stays (with 'new' the old ones do)
+                drop[score.argmax()] = False
             pruned = [t for t, d in zip(gated, drop.tolist()) if d]
             gate.prune(pruned)
+            if c.gate_scope == "new":  # the new adapter keeps this gate value for good
+                gate.set_anchor(task, 0.0 if pruned else float(beta[0, 0]))
             self.net.backbone.configure()
+        if c.gate_scope == "new":  # the g in force for adapters outside the gate: their anchors
+            for t in gate.active_tasks():
+                if t not in gated:
+                    beta_full[:, t] = gate.anchor_of(t)
         self.decision = {"beta_values": beta_full.squeeze(0) if rows == 1 else beta_full,
                          "selection_freq": freq_full, "tau": tau,
                          "gated": torch.tensor([t in gated for t in range(n_all)])}
@@ -184,7 +251,10 @@ class GumbelSDLoRA(Learner):
             "tau": self.decision["tau"],
             "alpha": gate.alphas(list(range(n))).detach().cpu(),
             "logits": torch.stack([gate.logits[str(t)] for t in range(n)]).detach().cpu(),
+            "anchor": gate.anchor.cpu().clone(),
+            **self.probe,
             "prune_rule": self.cfg.prune_rule,
+            "gate_scope": self.cfg.gate_scope,
         }
         save_torch(self.run_dir / f"beta_values_task_{task}.pt", record)
         save_torch(self.run_dir / "pruning_mask.pt", gate.pruning_mask.cpu().clone())
@@ -200,9 +270,11 @@ class GumbelSDLoRA(Learner):
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         n = self.gate.n_tasks
         return {"gate.logits": torch.stack([self.gate.logits[str(t)] for t in range(n)]),
-                "gate.tau_eval": self.gate.tau_eval}
+                "gate.tau_eval": self.gate.tau_eval, "gate.anchor": self.gate.anchor}
 
     def load_extra_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         for t, row in enumerate(tensors["gate.logits"]):
             self.gate.logits[str(t)].copy_(row)
         self.gate.tau_eval.copy_(tensors["gate.tau_eval"])
+        if "gate.anchor" in tensors:
+            self.gate.load_anchor(tensors["gate.anchor"])

@@ -1,12 +1,18 @@
 """SD-LoRA (Wu et al., ICLR 2025): decoupled magnitudes and directions, one adapter per task.
 
 On task t, A_t, B_t, every alpha and the head train; old adapters are frozen and normalised
-(SPEC section 4). SD-LoRA-RR shrinks the rank with the task index.
+(SPEC section 4). SD-LoRA-RR shrinks the rank with the task index; SD-LoRA-KD drops a new adapter
+whose direction the earlier ones already span, folding it into their magnitudes.
 """
 from __future__ import annotations
 
+import torch
+
+from backbone.gate import FoldGate
+from backbone.lora import adapter_norm, direction_inner
 from models import register
-from models.base import Learner
+from models.base import Learner, log
+from utils.io import save_torch
 
 
 @register("sdlora")
@@ -25,3 +31,71 @@ class SDLoRARR(SDLoRA):
     def rank(self, task: int) -> int:
         sched = self.cfg.rank_schedule or self.default_schedule
         return [r for first, r in sched if first <= task][-1]
+
+
+@register("sdlora_kd")
+class SDLoRAKD(SDLoRA):
+    """SD-LoRA-KD. After task t >= 1, with U_i = B_i A_i / n_i the normalised direction of adapter i in
+    every block and slice, fit U_t ~ sum_i c_i U_i over the earlier active adapters by least squares,
+    one c_i per adapter for all blocks and slices together (alpha is shared by them). If the relative
+    residual ||U_t - sum_i c_i U_i|| / ||U_t|| is below ``kd_threshold``, adapter t is dropped and
+    fold_i += m_t c_i, where m_t = alpha_t + fold_t is its magnitude: the network changes only by
+    m_t times the residual. ``fold`` is never reset, so alpha_reset_each_task does not undo a fold."""
+
+    def make_gate(self, n_layers: int) -> FoldGate:
+        return FoldGate(n_layers)
+
+    def end_task(self, task: int) -> None:
+        super().end_task(task)
+        old = [i for i in self.gate.active_tasks() if i != task]
+        if task > 0 and old:
+            self.fold_if_spanned(task, old)
+
+    @torch.no_grad()
+    def direction_gram(self, tasks: list[int]) -> torch.Tensor:
+        """G_ij = sum over blocks and slices of <U_i, U_j>, from r x r products (no d x d matrix)."""
+        n = len(tasks)
+        gram = torch.zeros(n, n, dtype=torch.float64)
+        kind = self.cfg.direction_norm
+        for layer in self.net.backbone.layers:
+            A = [layer.lora_A[str(t)].detach() for t in tasks]
+            B = [layer.lora_B[str(t)].detach() for t in tasks]
+            norm = [adapter_norm(a, b, kind) for a, b in zip(A, B)]
+            inv = [torch.where(v > 0, 1.0 / v, torch.zeros_like(v)) for v in norm]  # B = 0: no direction
+            for i in range(n):
+                for j in range(i, n):
+                    g = float((direction_inner(A[i], B[i], A[j], B[j]) * inv[i] * inv[j]).sum())
+                    gram[i, j] += g
+                    if i != j:
+                        gram[j, i] += g
+        return gram
+
+    @torch.no_grad()
+    def fold_if_spanned(self, task: int, old: list[int]) -> bool:
+        """The rule above; returns whether adapter ``task`` was dropped. Writes kd_fit_task_{t}.pt."""
+        gram = self.direction_gram(old + [task])
+        g_oo, g_ot, g_tt = gram[:-1, :-1], gram[:-1, -1], gram[-1, -1]
+        coef = torch.linalg.pinv(g_oo) @ g_ot
+        res2 = g_tt - 2 * coef @ g_ot + coef @ g_oo @ coef
+        rel = float(res2.clamp_min(0).sqrt() / g_tt.sqrt()) if g_tt > 0 else 0.0
+        drop = rel < self.cfg.kd_threshold
+        gate = self.gate
+        if drop:
+            m_t = float(gate.magnitude(task))
+            for i, c in zip(old, coef.tolist()):
+                gate.fold[i] += m_t * c
+            gate.prune([task])
+            self.net.backbone.configure()
+        log.info(f"[KD] Task {task}: relative residual of its direction on {len(old)} earlier ones {rel:.4f} "
+                 f"(threshold {self.cfg.kd_threshold}): " + ("dropped, folded into " + str(
+                     {i: round(c, 4) for i, c in zip(old, coef.tolist())}) if drop else "kept"))
+        save_torch(self.run_dir / f"kd_fit_task_{task}.pt", {
+            "task": task, "earlier": torch.tensor(old), "coefficients": coef.float(), "relative_residual": rel,
+            "dropped": drop, "fold": gate.fold.cpu().clone(), "pruning_mask": gate.pruning_mask.cpu().clone()})
+        return drop
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        return {"gate.fold": self.gate.fold}
+
+    def load_extra_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.gate.fold.copy_(tensors["gate.fold"])

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 GUMBEL = ("gumbel_sdlora",)
-LORA_METHODS = ("sdlora", "sdlora_rr", "gumbel_sdlora")
+KD = ("sdlora_kd",)
+LORA_METHODS = ("sdlora", "sdlora_rr", "sdlora_kd", "gumbel_sdlora")
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,10 @@ def _non_negative(v) -> Optional[str]:
 
 def _fraction(v) -> Optional[str]:
     return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+def _warmup(v) -> Optional[str]:
+    return None if 0 <= v < 1 else "must be in [0, 1)"
 
 
 def _zero(v) -> Optional[str]:
@@ -74,7 +79,7 @@ class Config:
 
     # --- run -------------------------------------------------------------------------------
     prefix: str = _key("run", "name prefix of the run folder")
-    model_name: Literal["sdlora", "sdlora_rr", "gumbel_sdlora", "linear_probe"] = _key(
+    model_name: Literal["sdlora", "sdlora_rr", "sdlora_kd", "gumbel_sdlora", "linear_probe"] = _key(
         "sdlora", "the method (models/ registry)")
     seed: Union[int, list[int]] = _key(1993, "seed, or a list of seeds run one after another")
     device: Union[str, list[str]] = _key(
@@ -150,14 +155,25 @@ class Config:
     # --- Gumbel CL-LoRA (SPEC section 3) ---------------------------------------------------
     gumbel_tau_init: float = _key(5.0, "initial temperature", GUMBEL, check=_positive)
     gumbel_tau_final: float = _key(0.5, "final temperature", GUMBEL, check=_positive)
-    gumbel_anneal_rate: float = _key(0.999, "tau decays by this factor per optimiser step", GUMBEL,
+    gumbel_tau_schedule: Literal["step", "phase"] = _key(
+        "step", "step: tau_final + (tau_init - tau_final) * rate**s over optimiser steps s (the notes'); "
+        "phase: geometric from tau_init to tau_final over the phase, whatever its number of steps", GUMBEL)
+    gumbel_anneal_rate: float = _key(0.999, "step schedule: tau decays by this factor per optimiser step", GUMBEL,
                                      check=_fraction)
     lambda_sparsity: float = _key(0.1, "weight of the entropy sparsity term", GUMBEL, check=_non_negative)
     sparsity_eps: float = _key(1e-8, "eps inside log(beta + eps)", GUMBEL, check=_positive)
-    gate_scope: Literal["all", "previous"] = _key("all", "gate the current adapter too, or only old ones", GUMBEL)
+    gate_scope: Literal["all", "previous", "new"] = _key(
+        "all", "all: gate every active adapter; previous: only old ones; new: only the new adapter, against a "
+        "skip option, old adapters anchored at the gate value their own task ended with", GUMBEL)
     gate_granularity: Literal["task", "layer"] = _key("task", "one beta for all blocks, or one per block", GUMBEL)
     two_phase: bool = _key(True, "phase 1 selection, then phase 2 magnitudes and new adapter", GUMBEL)
     phase1_fraction: float = _key(0.6, "share of epochs in phase 1 (rounded up)", GUMBEL, check=_fraction)
+    warmup_fraction: float = _key(0.0, "share of epochs (rounded up) that train the new adapter ungated (g = 1) "
+                                  "with alphas and head, before phase 1 judges it", GUMBEL, check=_warmup)
+    growth_cost: float = _key(0.0, "phase 1 price of the new adapter: loss += growth_cost * its gate value "
+                              "(nats per unit of gate)", GUMBEL, check=_non_negative)
+    gate_lr: Optional[float] = _key(None, "learning rate of the gate logits (default: lrate)", GUMBEL,
+                                    check=_positive)
     alpha_lr: float = _key(0.04, "phase 2 learning rate of alpha", GUMBEL, check=_positive)
     lambda_alpha: float = _key(1e-4, "phase 2 weight of sum(alpha^2)", GUMBEL, check=_non_negative)
     prune_rule: Literal["threshold", "frequency"] = _key("threshold", "how the growth decision is made", GUMBEL)
@@ -166,6 +182,10 @@ class Config:
     prune_threshold: float = _key(0.2, "frequency rule: prune if selection frequency < this", GUMBEL,
                                   check=_non_negative)
     prune_scope: Literal["all", "new"] = _key("all", "which adapters may be pruned", GUMBEL)
+
+    # --- SD-LoRA-KD (SPEC section 4) -------------------------------------------------------
+    kd_threshold: float = _key(0.5, "drop the new adapter when its direction's least-squares fit onto the "
+                               "earlier directions has a relative residual below this", KD, check=_non_negative)
 
     # ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -290,11 +310,24 @@ def _cross_checks(cfg: Config, raw: dict) -> list[str]:
             errs.append("config key 'prune_samples' only applies to \"prune_rule\": \"frequency\"")
         if raw.get("prune_threshold", d.prune_threshold) != d.prune_threshold and cfg.prune_rule != "frequency":
             errs.append("config key 'prune_threshold' only applies to \"prune_rule\": \"frequency\"")
-        if cfg.two_phase and math.ceil(cfg.phase1_fraction * cfg.epochs) >= cfg.epochs:  # task 0 is single-phase
-            errs.append(f"config key 'epochs' = {cfg.epochs} with phase1_fraction {cfg.phase1_fraction} leaves "
-                        "phase 2 no epoch, so new adapters never train; raise 'epochs' or lower 'phase1_fraction'")
+        e_w = math.ceil(cfg.warmup_fraction * cfg.epochs)
+        e_1 = math.ceil(cfg.phase1_fraction * cfg.epochs)
+        if cfg.two_phase and e_w + e_1 >= cfg.epochs:  # task 0 is single-phase
+            errs.append(f"config key 'epochs' = {cfg.epochs} with warmup_fraction {cfg.warmup_fraction} and "
+                        f"phase1_fraction {cfg.phase1_fraction} leaves phase 2 no epoch ({e_w} warm-up + {e_1} "
+                        "phase 1); raise 'epochs' or lower the fractions")
+        if cfg.gumbel_tau_schedule == "phase" and \
+                raw.get("gumbel_anneal_rate", d.gumbel_anneal_rate) != d.gumbel_anneal_rate:
+            errs.append("config key 'gumbel_anneal_rate' only applies to \"gumbel_tau_schedule\": \"step\"")
+        if cfg.growth_cost and cfg.gate_scope == "previous":
+            errs.append('config key \'growth_cost\' prices the new adapter\'s gate value, but "gate_scope": '
+                        '"previous" does not gate it; use "gate_scope": "all" or "new"')
+        if cfg.gate_scope == "new" and cfg.gate_granularity == "layer":
+            errs.append('"gate_scope": "new" anchors one gate value per adapter: use "gate_granularity": "task"')
+        if cfg.gate_scope == "new" and cfg.prune_scope == "all" and "prune_scope" in raw:
+            errs.append('"gate_scope": "new" judges only the new adapter: remove \'prune_scope\' (or set "new")')
         if not cfg.two_phase:
-            for key in ("phase1_fraction", "alpha_lr", "lambda_alpha"):
+            for key in ("phase1_fraction", "alpha_lr", "lambda_alpha", "warmup_fraction"):
                 if raw.get(key, getattr(d, key)) != getattr(d, key):
                     errs.append(f"config key '{key}' only applies with \"two_phase\": true; remove it or "
                                 "set two_phase to true")

@@ -77,3 +77,10 @@ def sparsity_loss(beta: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 def temperature(step: int, tau_init: float, tau_final: float, rate: float) -> float:
     """tau(s) = tau_final + (tau_init - tau_final) * rate**s, s = optimiser steps in this task."""
     return tau_final + (tau_init - tau_final) * rate ** step
+
+
+def phase_temperature(step: int, total: int, tau_init: float, tau_final: float) -> float:
+    """Geometric from tau_init (first step) to tau_final (last step) over a phase of ``total`` steps,
+    so where tau ends does not depend on the dataset size."""
+    f = min(step / (total - 1), 1.0) if total > 1 else 1.0
+    return tau_init * (tau_final / tau_init) ** f

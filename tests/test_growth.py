@@ -1,0 +1,177 @@
+"""Conditional growth beyond the notes: ungated warm-up, gate scope 'new' with anchored old adapters,
+the phase temperature schedule, and SD-LoRA-KD's fold."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from main import make_data_manager
+from models.gumbel_sdlora import GumbelSDLoRA
+from models.sdlora import SDLoRAKD
+from utils.config import ConfigError, build_config
+from utils.datasets import load_dataset
+from utils.gumbel_utils import phase_temperature
+
+NEED = dict(model_name="gumbel_sdlora", gate_scope="new", warmup_fraction=0.4, phase1_fraction=0.2,
+            gumbel_tau_schedule="phase", gate_lr=0.5, epochs=5)
+
+
+def learner_for(tiny, tmp_path, cls=GumbelSDLoRA, **over):
+    cfg = build_config(dict(tiny, **over))
+    learner = cls(cfg, torch.device("cpu"), Path(tmp_path), seed=7)
+    return learner, make_data_manager(cfg, load_dataset(cfg), 7)
+
+
+def test_phase_schedule_spans_tau_init_to_tau_final_whatever_the_steps():
+    for n in (2, 16, 5000):
+        taus = [phase_temperature(s, n, 5.0, 0.5) for s in range(n)]
+        assert taus[0] == pytest.approx(5.0) and taus[-1] == pytest.approx(0.5)
+        assert all(a > b for a, b in zip(taus, taus[1:]))
+    assert phase_temperature(7, 16, 5.0, 0.5) == pytest.approx(5.0 * 0.1 ** (7 / 15))
+
+
+def test_warmup_trains_the_new_adapter_ungated(tiny, tmp_path):
+    learner, dm = learner_for(tiny, tmp_path, max_tasks=2, **NEED)
+    seen = []
+    real_fit = learner.fit
+
+    def spy(task, loader, groups, epochs, desc, **kw):
+        gate = learner.gate
+        named = dict(learner.net.named_parameters())
+        before = {n: p.detach().clone() for n, p in named.items()}
+        gate.train()
+        w, beta = gate.coefficients()
+        seen.append(dict(desc=desc, epochs=epochs, ungated=gate.ungated, beta=beta,
+                         w_cur=float(w.detach()[0, -1]), alpha_cur=float(gate.alpha[str(task)].detach()),
+                         trainable={n for n, p in named.items() if p.requires_grad}))
+        real_fit(task, loader, groups, epochs, desc, **kw)
+        seen[-1]["changed"] = {n for n, p in learner.net.named_parameters()
+                               if not torch.equal(p.detach(), before[n])}
+
+    learner.fit = spy
+    learner.run(dm)
+    assert [s["desc"] for s in seen] == ["Task 0", "Task 1 warm-up", "Task 1 phase 1", "Task 1 phase 2"]
+    assert [s["epochs"] for s in seen] == [5, 2, 1, 2]
+    warm = seen[1]
+    assert warm["ungated"] and warm["beta"] is None          # no gate on the new adapter: g_t = 1 exactly
+    assert warm["w_cur"] == warm["alpha_cur"]
+    adapter1 = {n for n in warm["trainable"] if ".lora_" in n}
+    assert adapter1 and all(n.endswith(".1") for n in adapter1)
+    assert warm["trainable"] == adapter1 | {"backbone.gate.alpha.0", "backbone.gate.alpha.1",
+                                            "head.weight", "head.bias"}
+    assert adapter1 <= warm["changed"] and not any("logits" in n for n in warm["changed"])
+    phase1 = seen[2]
+    assert not phase1["ungated"] and phase1["beta"].shape == (1, 2)  # new adapter vs the skip option
+    assert phase1["trainable"] == {"backbone.gate.logits.1", "head.weight", "head.bias"}
+
+
+def test_old_adapters_keep_their_anchored_gate_value(tiny, tmp_path):
+    learner, dm = learner_for(tiny, tmp_path, max_tasks=3, **NEED)
+    anchors = {}
+    real_end = learner.end_task
+
+    def spy(task):
+        real_end(task)
+        anchors[task] = learner.gate.anchor.clone()
+        if task == 2:  # training coefficients of the old adapters during task 2: alpha * anchor
+            gate = learner.gate
+            gate.train()
+            gate.current, gate.ungated = 2, False
+            w, beta = gate.coefficients()
+            gate.current = None
+            old = gate.frozen_active()
+            for j, t in enumerate([o for o in old if o != 2]):
+                assert float(w.detach()[0, j]) == pytest.approx(float(gate.alpha[str(t)].detach()) * float(anchors[1][t]))
+
+    learner.end_task = spy
+    torch.manual_seed(0)
+    learner.run(dm)
+    assert anchors[0][0] == 1.0                                 # the first adapter is kept at g = 1
+    assert torch.equal(anchors[2][:2], anchors[1][:2])          # task 2 never moved adapters 0 and 1
+    rec = torch.load(learner.run_dir / "beta_values_task_2.pt", weights_only=True)
+    assert rec["gate_scope"] == "new" and "loss_with" in rec and "loss_without" in rec
+    assert torch.equal(rec["anchor"], anchors[2])
+
+
+def test_a_pruned_new_adapter_leaves_the_forward_pass(tiny, tmp_path):
+    learner, dm = learner_for(tiny, tmp_path, max_tasks=2, growth_cost=100.0, **NEED)
+    learner.run(dm)
+    assert learner.gate.active_tasks() == [0]                   # priced out: adapter 1 pruned at its task
+    assert all(1 not in layer.frozen and layer.current is None for layer in learner.net.backbone.layers)
+    x = torch.randn(4, 3, 32, 32)
+    learner.net.eval()
+    with torch.no_grad():
+        before = learner.net(x)
+        for layer in learner.net.backbone.layers:  # scramble the pruned adapter: nothing may change
+            layer.lora_B["1"].normal_()
+            layer.lora_A["1"].normal_()
+        learner.net.backbone.unmerge()
+        assert torch.equal(learner.net(x), before)
+
+
+def kd_learner(tiny, tmp_path, **over):
+    learner, dm = learner_for(tiny, tmp_path, cls=SDLoRAKD, model_name="sdlora_kd", **over)
+    bb = learner.net.backbone
+    g = torch.Generator().manual_seed(3)
+    for t in range(2):
+        learner.begin_task(t, 2)
+        with torch.no_grad():
+            for layer in bb.layers:
+                layer.lora_B[str(t)].copy_(torch.randn(layer.lora_B[str(t)].shape, generator=g))
+        learner.end_task(t)
+    return learner
+
+
+def test_kd_fold_with_zero_residual_leaves_the_output_unchanged(tiny, tmp_path):
+    learner = kd_learner(tiny, tmp_path, kd_threshold=1e-3)
+    bb = learner.net.backbone
+    learner.begin_task(2, 2)
+    with torch.no_grad():  # adapter 2 = adapter 0 rescaled: the same normalised direction in every block
+        for k, layer in enumerate(bb.layers):
+            layer.lora_A["2"].copy_(layer.lora_A["0"])
+            layer.lora_B["2"].copy_((2.5 + k) * layer.lora_B["0"])
+        learner.gate.alpha["2"].fill_(0.9)
+    x = torch.randn(3, 3, 32, 32)
+    learner.net.eval()
+    bb.gate.current = None
+    bb.configure()            # adapter 2 frozen and kept: the reference output
+    with torch.no_grad():
+        want = learner.net.backbone(x)
+    assert learner.fold_if_spanned(2, [0, 1])
+    assert learner.gate.active_tasks() == [0, 1]
+    with torch.no_grad():
+        got = learner.net.backbone(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    rec = torch.load(learner.run_dir / "kd_fit_task_2.pt", weights_only=True)
+    assert rec["dropped"] and rec["relative_residual"] < 1e-3
+    torch.testing.assert_close(rec["coefficients"], torch.tensor([1.0, 0.0]), atol=1e-4, rtol=0)
+    assert float(learner.gate.fold[0]) == pytest.approx(0.9, rel=1e-4)  # m_2 * c_0 = (0.9 + 0) * 1
+    learner.gate.reset_alphas(0.8)                              # the next task's reset keeps the fold
+    assert float(learner.gate.fold[0]) == pytest.approx(0.9, rel=1e-4)
+
+
+def test_kd_keeps_a_new_direction(tiny, tmp_path):
+    learner = kd_learner(tiny, tmp_path, kd_threshold=0.5)
+    learner.begin_task(2, 2)
+    with torch.no_grad():
+        for layer in learner.net.backbone.layers:
+            layer.lora_B["2"].normal_()
+    learner.end_task(2)
+    assert learner.gate.active_tasks() == [0, 1, 2]
+    rec = torch.load(learner.run_dir / "kd_fit_task_2.pt", weights_only=True)
+    assert not rec["dropped"] and rec["relative_residual"] > 0.5
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(gate_scope="previous", growth_cost=0.1), "growth_cost"),
+    (dict(gate_scope="new", gate_granularity="layer"), "gate_granularity"),
+    (dict(gumbel_tau_schedule="phase", gumbel_anneal_rate=0.9), "gumbel_anneal_rate"),
+    (dict(warmup_fraction=0.4, phase1_fraction=0.6, epochs=5), "phase 2 no epoch"),
+    (dict(gate_scope="new", prune_scope="all"), "prune_scope"),
+    (dict(two_phase=False, warmup_fraction=0.2), "warmup_fraction"),
+])
+def test_growth_keys_that_cannot_work_are_rejected(tiny, over, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config(dict(tiny, model_name="gumbel_sdlora", **over))
+    with pytest.raises(ConfigError, match="kd_threshold"):
+        build_config(dict(tiny, model_name="sdlora", kd_threshold=0.9))
