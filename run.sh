@@ -39,7 +39,7 @@ if [ "${1:-}" = "offline" ]; then
   done
   run sdlora_rr                --config=exps/sdlora_c100.json "${P[@]}" --model_name sdlora_rr --prefix sdlora_rr "$@"
   run sdlora_kd                --config=exps/sdlora_c100.json "${P[@]}" --model_name sdlora_kd --prefix sdlora_kd \
-                               --kd_threshold 0.95 "$@"
+                               --kd_threshold 1.0 "$@"
   run gumbel_seed_threshold    --config=exps/gumbel_seed.json "${P[@]}" --prune_rule threshold "$@"
   run gumbel_seed_frequency    --config=exps/gumbel_seed.json "${P[@]}" "$@"
   wait

@@ -139,13 +139,15 @@ class GumbelSDLoRA(Learner):
                  extra_loss=self._gate_loss, on_step=self._anneal)
         gate.tau_eval.fill_(gate.tau)
         self.decide(task)
-        # phase 2: beta fixed at its deterministic value at the tau phase 1 ended with
-        gate.noise = False
+        # phase 2: beta fixed at its deterministic value at the tau phase 1 ended with (scope 'new':
+        # the decision is made, the kept adapter has g = 1)
+        gate.noise, gate.ungated = False, c.gate_scope == "new"
         gate.tau = float(gate.tau_eval)
         self.set_trainable(logits=False, alphas=True, adapter=True)
         if epochs - e_w - e1 > 0:
             self.fit(task, loader, self._groups(c.alpha_lr), epochs - e_w - e1, f"Task {task} phase 2",
                      extra_loss=self._alpha_l2)
+        gate.ungated = False
 
     @torch.no_grad()
     def _probe_need(self, task: int, loader, batches: int = 2) -> None:
@@ -204,8 +206,10 @@ class GumbelSDLoRA(Learner):
                 drop[score.argmax()] = False
             pruned = [t for t, d in zip(gated, drop.tolist()) if d]
             gate.prune(pruned)
-            if c.gate_scope == "new":  # the new adapter keeps this gate value for good
-                gate.set_anchor(task, 0.0 if pruned else float(beta[0, 0]))
+            if c.gate_scope == "new":
+                # binary decision: the losing option leaves the projection, as a pruned adapter does, so
+                # a kept adapter is alone in the gate (sparsemax of one entry: g = 1) from now on
+                gate.set_anchor(task, 0.0 if pruned else 1.0)
             self.net.backbone.configure()
         if c.gate_scope == "new":  # the g in force for adapters outside the gate: their anchors
             for t in gate.active_tasks():

@@ -63,6 +63,8 @@ def test_warmup_trains_the_new_adapter_ungated(tiny, tmp_path):
     phase1 = seen[2]
     assert not phase1["ungated"] and phase1["beta"].shape == (1, 2)  # new adapter vs the skip option
     assert phase1["trainable"] == {"backbone.gate.logits.1", "head.weight", "head.bias"}
+    phase2 = seen[3]  # decided: a kept adapter is alone in its gate, g = 1
+    assert phase2["ungated"] and phase2["beta"] is None
 
 
 def test_old_adapters_keep_their_anchored_gate_value(tiny, tmp_path):
@@ -87,6 +89,7 @@ def test_old_adapters_keep_their_anchored_gate_value(tiny, tmp_path):
     torch.manual_seed(0)
     learner.run(dm)
     assert anchors[0][0] == 1.0                                 # the first adapter is kept at g = 1
+    assert set(anchors[2].tolist()) <= {0.0, 1.0}               # a decision is binary: in (g = 1) or out
     assert torch.equal(anchors[2][:2], anchors[1][:2])          # task 2 never moved adapters 0 and 1
     rec = torch.load(learner.run_dir / "beta_values_task_2.pt", weights_only=True)
     assert rec["gate_scope"] == "new" and "loss_with" in rec and "loss_without" in rec
