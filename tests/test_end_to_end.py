@@ -50,9 +50,14 @@ def test_same_seed_same_numbers(tiny, tmp_path):
     assert not torch.equal(load_file(str(rc / "task_2.safetensors"))["head.weight"], ta["head.weight"])
 
 
-@pytest.mark.parametrize("model", ["sdlora", "gumbel_sdlora"])
-def test_resumed_run_equals_uninterrupted(model, tiny, tmp_path):
-    cfg = dict(tiny, model_name=model, epochs=3)
+GROW = dict(gate_scope="new", warmup_fraction=0.2, phase1_fraction=0.2, gumbel_tau_schedule="phase", gate_lr=5.0,
+            growth_cost=0.05, epochs=5)
+
+
+@pytest.mark.parametrize("model, extra", [("sdlora", {}), ("gumbel_sdlora", {}), ("gumbel_sdlora", GROW),
+                                          ("sdlora_kd", dict(kd_threshold=1.0))])
+def test_resumed_run_equals_uninterrupted(model, extra, tiny, tmp_path):
+    cfg = dict(tiny, model_name=model, **{"epochs": 3, **extra})
     full = json.loads((run(cfg, tmp_path) / "metrics.json").read_text())
     part_dir = run(dict(cfg, max_tasks=1), tmp_path)
     assert main(["--resume", str(part_dir), "--max_tasks", "3"]) == 0
@@ -61,7 +66,11 @@ def test_resumed_run_equals_uninterrupted(model, tiny, tmp_path):
     full_dir = sorted(Path(cfg["log_dir"]).iterdir())[0]
     a, b = load_file(str(full_dir / "task_2.safetensors")), load_file(str(part_dir / "task_2.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert main(["--resume", str(part_dir), "--epochs", "3"]) == 2  # may not change the experiment
+    if model == "gumbel_sdlora":  # the growth state (mask, anchors) came back from disk, not recomputed
+        assert torch.equal(a["gate.pruning_mask"], b["gate.pruning_mask"]) and torch.equal(a["gate.anchor"], b["gate.anchor"])
+    if model == "sdlora_kd":
+        assert torch.equal(a["gate.fold"], b["gate.fold"]) and a["gate.pruning_mask"].tolist() == [1, 0, 0]
+    assert main(["--resume", str(part_dir), "--epochs", "4"]) == 2  # may not change the experiment
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_results(tiny, tmp_path, capsys):

@@ -170,7 +170,6 @@ def test_kd_keeps_a_new_direction(tiny, tmp_path):
     (dict(gate_scope="new", gate_granularity="layer"), "gate_granularity"),
     (dict(gumbel_tau_schedule="phase", gumbel_anneal_rate=0.9), "gumbel_anneal_rate"),
     (dict(warmup_fraction=0.4, phase1_fraction=0.6, epochs=5), "phase 2 no epoch"),
-    (dict(gate_scope="new", prune_scope="all"), "prune_scope"),
     (dict(two_phase=False, warmup_fraction=0.2), "warmup_fraction"),
 ])
 def test_growth_keys_that_cannot_work_are_rejected(tiny, over, match):

@@ -324,8 +324,6 @@ def _cross_checks(cfg: Config, raw: dict) -> list[str]:
                         '"previous" does not gate it; use "gate_scope": "all" or "new"')
         if cfg.gate_scope == "new" and cfg.gate_granularity == "layer":
             errs.append('"gate_scope": "new" anchors one gate value per adapter: use "gate_granularity": "task"')
-        if cfg.gate_scope == "new" and cfg.prune_scope == "all" and "prune_scope" in raw:
-            errs.append('"gate_scope": "new" judges only the new adapter: remove \'prune_scope\' (or set "new")')
         if not cfg.two_phase:
             for key in ("phase1_fraction", "alpha_lr", "lambda_alpha", "warmup_fraction"):
                 if raw.get(key, getattr(d, key)) != getattr(d, key):
