@@ -116,9 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="JSON config file (see exps/)")
     parser.add_argument("--resume", help="run folder to continue after its last completed task")
     parser.add_argument("--keys", action="store_true", help="list every config key with its default and exit")
+    parser.add_argument("--report", nargs="+", metavar="RUN_DIR",
+                        help="figures (RUN_DIR/plots/) and tables of finished runs; with several, a comparison")
+    parser.add_argument("--report_out", metavar="DIR", help="where --report puts the comparison and tables "
+                                                             "of several runs (default: report/ beside the first)")
     args, rest = parser.parse_known_args(argv)
     if args.keys:
         print(describe_keys())
+        return 0
+    if args.report:
+        from utils.report import ReportError, report  # matplotlib only where reports are made
+        try:
+            print(report(args.report, args.report_out))
+        except ReportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     try:
         overrides = parse_overrides(rest)

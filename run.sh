@@ -7,6 +7,8 @@
 # Extra arguments are passed to every run as overrides, e.g.  bash run.sh --data_path /data/cifar100
 # JOBS=2 runs two at a time with one thread each (on 2 CPU cores that is ~1.3x the throughput of one run
 # on both cores); LOG_DIR (default logs) is where the run folders and the console logs go.
+# At the end: python main.py --report over every run it started (figures, a table, mean +- std over seeds),
+# printed and saved in LOG_DIR/report_<time>/ (runs.md, summary.md, summary.csv, comparison.png).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
@@ -14,14 +16,27 @@ JOBS=${JOBS:-1}
 LOG_DIR=${LOG_DIR:-logs}
 mkdir -p "$LOG_DIR"
 
+OUTS=()
 run() {  # run NAME ARGS...: one main.py run, its console output in $LOG_DIR/NAME.out
   local name=$1; shift
+  OUTS+=("$LOG_DIR/$name.out")
   echo "=== $name: $PY main.py $*"
   if [ "$JOBS" -gt 1 ]; then
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" main.py "$@" --log_dir "$LOG_DIR" > "$LOG_DIR/$name.out" 2>&1 &
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
   else
     "$PY" main.py "$@" --log_dir "$LOG_DIR" 2>&1 | tee "$LOG_DIR/$name.out"
+  fi
+}
+
+summarize() {  # the report over the run folders named in the console logs (runs that finished a task)
+  local dirs=() d f
+  for f in "${OUTS[@]}"; do
+    d=$(grep -m1 -o "Run folder: .*" "$f" 2>/dev/null | sed 's/^Run folder: //') || true
+    if [ -n "$d" ] && [ -f "$d/metrics.json" ]; then dirs+=("$d"); else echo "(no finished task in $f)"; fi
+  done
+  if [ ${#dirs[@]} -gt 0 ]; then
+    "$PY" main.py --report "${dirs[@]}" --report_out "$LOG_DIR/report_$(date +%Y%m%d-%H%M%S)"
   fi
 }
 
@@ -43,6 +58,7 @@ if [ "${1:-}" = "offline" ]; then
   run gumbel_seed_threshold    --config=exps/gumbel_seed.json "${P[@]}" --prune_rule threshold "$@"
   run gumbel_seed_frequency    --config=exps/gumbel_seed.json "${P[@]}" "$@"
   wait
+  summarize
   exit 0
 fi
 
@@ -52,3 +68,4 @@ for cfg in exps/sdlora_c100.json exps/gumbel_c100.json; do
   done
 done
 wait
+summarize

@@ -112,7 +112,7 @@ def main(argv=None) -> None:
     n_compute = steps * len(y)
     print(f"# {cfg.model_name} {cfg.backbone_type} img {cfg.img_size} batch {bs} task {t} "
           f"({learner.gate.n_tasks if learner.uses_adapters else 0} adapters) device {device} "
-          f"workers {cfg.num_workers} amp {cfg.amp} compile {cfg.compile}; {steps} steps, {n_img} images")
+          f"workers {cfg.workers} amp {cfg.amp} compile {cfg.compile}; {steps} steps, {n_img} images")
     print(f"data     {n_img / data_s:9.1f} img/s   ({data_s:.2f} s)")
     print(f"compute  {n_compute / compute_s:9.1f} img/s   ({compute_s:.2f} s)")
     print(f"epoch    {n_img / epoch_s:9.1f} img/s   ({epoch_s:.2f} s)  = {100 * compute_s / epoch_s * n_img / n_compute:.0f}% "

@@ -173,7 +173,7 @@ class Learner:
 
     def loader(self, dataset, train: bool, task: int) -> DataLoader:
         g = torch.Generator().manual_seed(task_seed(self.seed, task))
-        workers = self.cfg.num_workers
+        workers = self.cfg.workers
         bs = self.cfg.batch_size if train else (self.cfg.eval_batch_size or 2 * self.cfg.batch_size)
         return DataLoader(dataset, batch_size=bs, shuffle=train, drop_last=False, num_workers=workers,
                           pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
@@ -198,7 +198,7 @@ class Learner:
             correct = torch.zeros((), device=self.device, dtype=torch.long)
             seen = 0
             bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False,
-                       disable=not self.cfg.progress)
+                       disable=self.cfg.progress_disabled)
             for x, y in bar:
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
@@ -230,7 +230,7 @@ class Learner:
         self.net.eval()
         loader = self.loader(dm.test_set(task, self.test_tf), train=False, task=task)
         preds, labels, top5 = [], [], 0
-        for x, y in tqdm(loader, desc=f"Eval task {task}", leave=False, disable=not self.cfg.progress):
+        for x, y in tqdm(loader, desc=f"Eval task {task}", leave=False, disable=self.cfg.progress_disabled):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = self.net(x).float()

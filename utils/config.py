@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -85,8 +86,10 @@ class Config:
     device: Union[str, list[str]] = _key(
         "auto", '"auto" (cuda if available), "cpu", "cuda", "cuda:N", or the field\'s ["0"]')
     log_dir: str = _key("logs", "runs are written to log_dir/<prefix>_<dataset>_<model>_<seed>_<time>")
-    num_workers: int = _key(2, "DataLoader workers", check=_non_negative)
-    progress: bool = _key(True, "tqdm progress bars")
+    num_workers: Optional[int] = _key(None, "DataLoader workers (default: the CPU cores this process may use, "
+                                      "at most 8)", check=_non_negative)
+    progress: Union[bool, Literal["auto"]] = _key("auto", "tqdm progress bars: true, false, or auto (only when "
+                                                  "the output is a terminal, not in a redirected log)")
     save_adapters: bool = _key(True, "save per-task adapter, gate and head tensors (safetensors)")
     max_tasks: Optional[int] = _key(None, "stop after this many tasks (quick runs)", check=_positive)
 
@@ -190,6 +193,19 @@ class Config:
     # ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def workers(self) -> int:
+        """num_workers, or by default the CPU cores this process may use (at most 8)."""
+        if self.num_workers is not None:
+            return self.num_workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return min(8, cores)
+
+    @property
+    def progress_disabled(self) -> Optional[bool]:
+        """tqdm's ``disable``: None lets tqdm switch bars off when the output is not a terminal."""
+        return None if self.progress == "auto" else not self.progress
 
     @property
     def seeds(self) -> list[int]:

@@ -1,0 +1,83 @@
+"""--report: figures are real PNGs, tables carry metrics.json's numbers, broken folders get clear errors."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from main import main
+from utils.report import ReportError, load_run, report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(cfg: dict, tmp_path: Path, name: str) -> Path:
+    p = tmp_path / f"{name}.json"
+    p.write_text(json.dumps(cfg))
+    before = set(Path(cfg["log_dir"]).glob("*")) if Path(cfg["log_dir"]).exists() else set()
+    assert main([f"--config={p}"]) == 0
+    (new,) = set(Path(cfg["log_dir"]).glob("*")) - before
+    return new
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from tests.conftest import TINY
+    tmp = tmp_path_factory.mktemp("report")
+    base = dict(TINY, log_dir=str(tmp / "logs"), epochs=3)
+    probe = {k: v for k, v in base.items() if k != "lora_rank"}
+    return {
+        "sdlora_7": make_run(base, tmp, "a"),
+        "sdlora_8": make_run(dict(base, seed=8), tmp, "b"),
+        "gumbel": make_run(dict(base, model_name="gumbel_sdlora", gate_scope="new", warmup_fraction=0.2,
+                                phase1_fraction=0.2, epochs=5, gate_lr=5.0, growth_cost=0.05), tmp, "c"),
+        "probe": make_run(dict(probe, model_name="linear_probe"), tmp, "d"),
+    }
+
+
+def test_report_on_every_kind_of_run_and_a_mix(runs, tmp_path):
+    text = report(list(runs.values()), tmp_path / "out")
+    for key, rd in runs.items():
+        plots = rd / "plots"
+        want = {"accuracy_matrix.png", "accuracy_curve.png"} | ({"adapters.png"} if key != "probe" else set())
+        assert {p.name for p in plots.iterdir()} == want
+        for p in plots.iterdir():
+            assert p.read_bytes()[:8] == PNG and p.stat().st_size > 5000
+    out = tmp_path / "out"
+    assert (out / "comparison.png").read_bytes()[:8] == PNG
+    assert {p.name for p in out.iterdir()} == {"comparison.png", "runs.md", "summary.md", "summary.csv"}
+    assert "Mean ± std over seeds" in text
+
+
+def test_tables_carry_the_numbers_of_metrics_json(runs, tmp_path):
+    report([runs["sdlora_7"], runs["sdlora_8"], runs["gumbel"]], tmp_path / "out")
+    rows = [r for r in (tmp_path / "out" / "runs.md").read_text().splitlines()[2:]]
+    for line, key in zip(rows, ["sdlora_7", "sdlora_8", "gumbel"]):
+        m = json.loads((runs[key] / "metrics.json").read_text())
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[3:6] == [f"{m['A_last']:.2f}", f"{m['A_avg']:.2f}", f"{m['forgetting']:.2f}"]
+        assert cells[6] == f"{m['active_adapters'][-1]}/{len(m['A'])}"
+        assert cells[7] == f"{m['adapter_params'][-1]:,}"
+    a, b = (json.loads((runs[k] / "metrics.json").read_text())["A_last"] for k in ("sdlora_7", "sdlora_8"))
+    csv_rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    sd = next(r for r in csv_rows if r.startswith("sdlora,")).split(",")
+    assert sd[1] == "7 8" and sd[2] == "2"
+    assert float(sd[3]) == pytest.approx((a + b) / 2, abs=1e-4)
+    assert float(sd[4]) == pytest.approx(abs(a - b) / 2 ** 0.5, abs=1e-4)  # sample std of two values
+
+
+def test_broken_run_folders_get_clear_errors(runs, tmp_path, capsys):
+    with pytest.raises(ReportError, match="does not exist"):
+        load_run(tmp_path / "nope")
+    half = tmp_path / "half"
+    shutil.copytree(runs["gumbel"], half)
+    (half / "beta_values_task_1.pt").unlink()
+    with pytest.raises(ReportError, match=r"half: no beta_values_task_1.pt"):
+        load_run(half)
+    (half / "metrics.json").write_text('{"A": [1.0')
+    with pytest.raises(ReportError, match=r"half: metrics.json is not valid JSON"):
+        load_run(half)
+    (half / "metrics.json").unlink()
+    assert main(["--report", str(runs["sdlora_7"]), str(half)]) == 2
+    assert "no metrics.json" in capsys.readouterr().err
+    assert not (runs["sdlora_7"].parent / "report").exists()  # nothing written when one folder is bad

@@ -1,0 +1,291 @@
+"""Figures and tables from finished run folders: ``python main.py --report RUN_DIR [RUN_DIR ...]``.
+
+Reads only what a run wrote (config.json, metrics.json, beta records), never the model, so it works on
+runs of any method, finished or stopped after some tasks. Per run, PNGs in RUN_DIR/plots/: the
+accuracy matrix, the A_t curve and, for adapter methods, the adapters in force after every task (with
+the gate's beta for Gumbel runs). With several runs, a comparison figure, a per-run table and a
+mean +- std table over seeds, written next to the comparison figure and printed.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: files only
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+#: Config keys that do not change the experiment: runs differing only in these are seeds of one config.
+NOT_EXPERIMENT = {"seed", "log_dir", "num_workers", "progress", "device", "max_tasks", "prefix", "save_adapters"}
+plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "figure.dpi": 110})
+
+
+class ReportError(ValueError):
+    """A run folder that cannot be reported on, with the folder and the missing or broken file."""
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    metrics: dict
+    gate: list[dict] = field(default_factory=list)  # Gumbel beta records, one per task
+    label: str = ""
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.metrics["A"])
+
+    @property
+    def name(self) -> str:
+        """The label and the seed: how a figure names the run."""
+        return f"{self.label}, seed {self.config.get('seed')}"
+
+    @property
+    def method(self) -> str:
+        return self.config["model_name"]
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ReportError(f"{path.parent}: no {path.name} (not a run folder, or the run stopped before it "
+                          "finished its first task)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path.parent}: {path.name} is not valid JSON ({e})") from None
+
+
+def load_run(path) -> Run:
+    """A run folder's config, metrics and (Gumbel) beta records; ReportError names what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(f"run folder '{path}' does not exist")
+    config, metrics = _read_json(path / "config.json"), _read_json(path / "metrics.json")
+    missing = [k for k in ("accuracy_matrix", "A", "A_last", "A_avg", "forgetting") if k not in metrics]
+    if missing or not metrics.get("A"):
+        raise ReportError(f"{path}: metrics.json lacks {missing or ['any finished task']}")
+    run = Run(path, config, metrics)
+    if config.get("model_name") == "gumbel_sdlora":
+        for t in range(run.n_tasks):
+            rec = path / f"beta_values_task_{t}.pt"
+            if not rec.is_file():
+                raise ReportError(f"{path}: no {rec.name} for finished task {t}")
+            run.gate.append(torch.load(rec, map_location="cpu", weights_only=True))
+    return run
+
+
+def label_runs(runs: list[Run]) -> None:
+    """Label = method, plus the config keys in which it differs from other runs of the same method."""
+    for r in runs:
+        same = [o for o in runs if o.method == r.method and o is not r]
+        keys = sorted({k for o in same for k in set(r.config) | set(o.config)
+                       if k not in NOT_EXPERIMENT and r.config.get(k) != o.config.get(k)})
+        extra = ", ".join(f"{k}={json.dumps(r.config.get(k))}" for k in keys[:3])
+        r.label = r.method + (f" ({extra}{', ...' if len(keys) > 3 else ''})" if extra else "")
+
+
+def _experiment_key(run: Run) -> str:
+    return json.dumps({k: v for k, v in run.config.items() if k not in NOT_EXPERIMENT}, sort_keys=True)
+
+
+# ---- figures --------------------------------------------------------------------------------------
+def plot_accuracy_matrix(run: Run, out: Path) -> Path:
+    T = run.n_tasks
+    m = np.full((T, T), np.nan)
+    for t, row in enumerate(run.metrics["accuracy_matrix"]):
+        m[t, :len(row)] = row
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.62 * T + 2.2), max(3.8, 0.55 * T + 1.6)))
+    im = ax.imshow(m, cmap="viridis", vmin=0, vmax=100)
+    size = 10 if T <= 10 else max(5, 10 - (T - 10) // 3)
+    for t in range(T):
+        for j in range(t + 1):
+            ax.text(j, t, f"{m[t, j]:.0f}", ha="center", va="center", fontsize=size,
+                    color="white" if m[t, j] < 60 else "black")
+    ax.set_xticks(range(T), [str(j) for j in range(T)])
+    ax.set_yticks(range(T), [str(t) for t in range(T)])
+    ax.set_xlabel("test images of task j")
+    ax.set_ylabel("after training task t")
+    ax.set_title(f"Accuracy (%), {run.name}\nA_last {run.metrics['A_last']:.2f}, "
+                 f"forgetting {run.metrics['forgetting']:.2f}", fontsize=11)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return _save(fig, out / "accuracy_matrix.png")
+
+
+def plot_curve(run: Run, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = np.arange(run.n_tasks)
+    ax.plot(x, run.metrics["A"], "o-", label="all seen classes (A_t)")
+    old = [np.nan if v is None else v for v in run.metrics.get("old_accuracy", [])]
+    if old and any(not math.isnan(v) for v in old):
+        ax.plot(x, old, "s--", alpha=0.7, label="old classes")
+        ax.plot(x, run.metrics["new_accuracy"], "^--", alpha=0.7, label="new classes")
+    ax.set_xlabel("task t")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xticks(x)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=9)
+    ax.set_title(f"{run.name}: A_last {run.metrics['A_last']:.2f}, A_avg {run.metrics['A_avg']:.2f}", fontsize=11)
+    return _save(fig, out / "accuracy_curve.png")
+
+
+def plot_adapters(run: Run, out: Path) -> Optional[Path]:
+    """Adapters in force after every task; for Gumbel runs the deterministic beta beside it."""
+    active = run.metrics.get("active_adapters") or []
+    if not any(active):
+        return None
+    T = run.n_tasks
+    panels = 2 if run.gate else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels + 0.6, 4.2), squeeze=False)
+    if run.gate:
+        ax = axes[0, 0]
+        beta = np.full((T, T), np.nan)
+        pruned = np.zeros((T, T), dtype=bool)
+        for t, rec in enumerate(run.gate):
+            b = rec["beta_values"]
+            b = b.max(0).values if b.dim() > 1 else b  # per-block gates: the largest
+            mask = rec["pruning_mask"]
+            beta[t, :len(b)] = b.numpy()
+            pruned[t, :len(mask)] = (mask <= 0).numpy()
+        im = ax.imshow(beta, cmap="magma", vmin=0, vmax=1)
+        for t in range(T):
+            for i in range(t + 1):
+                if pruned[t, i]:
+                    ax.text(i, t, "×", ha="center", va="center", color="tab:cyan", fontsize=12, fontweight="bold")
+                elif T <= 12:
+                    ax.text(i, t, f"{beta[t, i]:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if beta[t, i] < 0.5 else "black")
+        ax.set_xticks(range(T))
+        ax.set_yticks(range(T))
+        ax.set_xlabel("adapter i (its task)")
+        ax.set_ylabel("after task t")
+        ax.set_title("gate value g in force (× pruned)", fontsize=11)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax = axes[0, -1]
+    x = np.arange(T)
+    ax.plot(x, x + 1, "--", color="grey", label="one adapter per task")
+    ax.plot(x, active, "o-", color="tab:red", label="active adapters")
+    ax.set_xlabel("task t")
+    ax.set_ylabel("adapters")
+    ax.set_xticks(x)
+    ax.set_ylim(0, T + 0.5)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
+    ax.set_title(f"{run.name}: {active[-1]}/{T} active", fontsize=11)
+    return _save(fig, out / "adapters.png")
+
+
+def plot_comparison(runs: list[Run], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for r in runs:
+        ax.plot(np.arange(r.n_tasks), r.metrics["A"], "o-", ms=4, label=r.name)
+    ax.set_xticks(range(max(r.n_tasks for r in runs)))
+    ax.set_xlabel("task t")
+    ax.set_ylabel("A_t: top-1 on all seen classes (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title("Accuracy after each task")
+    return _save(fig, out / "comparison.png")
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---- tables ---------------------------------------------------------------------------------------
+def run_row(run: Run) -> dict:
+    m = run.metrics
+    train = m.get("train_seconds") or []
+    return {"run": run.path.name, "method": run.label, "seed": run.config.get("seed"),
+            "tasks": run.n_tasks, "A_last": m["A_last"], "A_avg": m["A_avg"], "forgetting": m["forgetting"],
+            "active_adapters": (m.get("active_adapters") or [None])[-1],
+            "adapter_params": (m.get("adapter_params") or [None])[-1],
+            "train_s_per_task": sum(train) / len(train) if train else None}
+
+
+def runs_table(runs: list[Run]) -> str:
+    lines = ["| method | seed | tasks | A_last | A_avg | forgetting | active adapters | stored adapter params "
+             "| train s / task |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        w = run_row(r)
+        act = "-" if w["active_adapters"] is None else f"{w['active_adapters']}/{w['tasks']}"
+        par = "-" if w["adapter_params"] is None else f"{w['adapter_params']:,}"
+        sec = "-" if w["train_s_per_task"] is None else f"{w['train_s_per_task']:.0f}"
+        lines.append(f"| {w['method']} | {w['seed']} | {w['tasks']} | {w['A_last']:.2f} | {w['A_avg']:.2f} | "
+                     f"{w['forgetting']:.2f} | {act} | {par} | {sec} |")
+    return "\n".join(lines)
+
+
+def seed_summary(runs: list[Run]) -> list[dict]:
+    """Per config (runs equal but for the seed): mean and std over seeds (std 0 for one seed)."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(_experiment_key(r), []).append(r)
+    out = []
+    for members in groups.values():
+        rows = [run_row(r) for r in members]
+        entry = {"method": members[0].label, "seeds": [w["seed"] for w in rows]}
+        for k in ("A_last", "A_avg", "forgetting", "active_adapters"):
+            vals = np.array([w[k] for w in rows if w[k] is not None], dtype=float)
+            entry[k] = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0) if len(vals) else None
+        out.append(entry)
+    return out
+
+
+def summary_markdown(summary: list[dict]) -> str:
+    lines = ["| method | seeds | A_last | A_avg | forgetting | active adapters |", "|---|---|---|---|---|---|"]
+    for e in summary:
+        cells = ["-" if e[k] is None else f"{e[k][0]:.2f} ± {e[k][1]:.2f}"
+                 for k in ("A_last", "A_avg", "forgetting", "active_adapters")]
+        lines.append(f"| {e['method']} | {', '.join(map(str, e['seeds']))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary_csv(summary: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["method", "seeds", "n_seeds"] + [f"{k}_{s}" for k in ("A_last", "A_avg", "forgetting",
+                                                                        "active_adapters") for s in ("mean", "std")])
+    for e in summary:
+        vals = []
+        for k in ("A_last", "A_avg", "forgetting", "active_adapters"):
+            vals += ["", ""] if e[k] is None else [f"{e[k][0]:.4f}", f"{e[k][1]:.4f}"]
+        w.writerow([e["method"], " ".join(map(str, e["seeds"])), len(e["seeds"])] + vals)
+    return buf.getvalue()
+
+
+# ---- the command --------------------------------------------------------------------------------------
+def report(paths: list, out: Optional[Path] = None) -> str:
+    """Figures for every run; with several runs, the comparison, tables and seed summary in ``out``
+    (default: a ``report`` folder beside the first run). Returns the printed text."""
+    runs = [load_run(p) for p in paths]  # every folder is checked before anything is written
+    label_runs(runs)
+    text = []
+    for r in runs:
+        plots = r.path / "plots"
+        made = [plot_accuracy_matrix(r, plots), plot_curve(r, plots), plot_adapters(r, plots)]
+        text.append(f"{r.path}: " + ", ".join(p.name for p in made if p is not None) + f" in {plots}")
+    table = runs_table(runs)
+    summary = seed_summary(runs)
+    text += ["", table, "", "Mean ± std over seeds:", summary_markdown(summary)]
+    if len(runs) > 1:
+        out = Path(out) if out else runs[0].path.parent / "report"
+        plot_comparison(runs, out)
+        (out / "runs.md").write_text(table + "\n")
+        (out / "summary.md").write_text(summary_markdown(summary) + "\n")
+        (out / "summary.csv").write_text(summary_csv(summary))
+        text.append(f"\ncomparison.png, runs.md, summary.md, summary.csv in {out}")
+    return "\n".join(text)
