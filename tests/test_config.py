@@ -77,3 +77,16 @@ def test_device_resolution():
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(ConfigError):
         resolve_device(["0", "1"])
+
+
+def test_shipped_configs_load_and_the_seed_config_is_the_notes_formulation():
+    from tests.conftest import ROOT
+    for f in sorted((ROOT / "exps").glob("*.json")):
+        load_config(str(f))  # every shipped config passes the schema
+    seed = load_config(str(ROOT / "exps" / "gumbel_seed.json"))
+    assert (seed.gumbel_tau_init, seed.gumbel_tau_final, seed.gumbel_anneal_rate) == (5.0, 0.5, 0.999)
+    assert (seed.lambda_sparsity, seed.alpha_lr, seed.alpha_init, seed.phase1_fraction) == (0.1, 0.04, 1.0, 0.6)
+    assert (seed.prune_rule, seed.prune_threshold, seed.prune_samples) == ("frequency", 0.2, 10)
+    assert (seed.gate_scope, seed.warmup_fraction, seed.growth_cost, seed.gumbel_tau_schedule) == ("all", 0.0, 0.0, "step")
+    chosen = load_config(str(ROOT / "exps" / "gumbel_c100.json"))
+    assert (chosen.gate_scope, chosen.gumbel_tau_schedule) == ("new", "phase") and chosen.warmup_fraction > 0

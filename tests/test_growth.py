@@ -177,3 +177,19 @@ def test_growth_keys_that_cannot_work_are_rejected(tiny, over, match):
         build_config(dict(tiny, model_name="gumbel_sdlora", **over))
     with pytest.raises(ConfigError, match="kd_threshold"):
         build_config(dict(tiny, model_name="sdlora", kd_threshold=0.9))
+
+
+def test_kd_that_drops_nothing_is_sdlora_bit_for_bit(tiny, tmp_path):
+    import json
+    from safetensors.torch import load_file
+    from main import main
+    dirs = []
+    for extra in ({}, dict(model_name="sdlora_kd", kd_threshold=0.0)):
+        p = tmp_path / "c.json"
+        p.write_text(json.dumps(dict(tiny, epochs=2, **extra)))
+        assert main([f"--config={p}"]) == 0
+        dirs.append(max(Path(tiny["log_dir"]).iterdir(), key=lambda d: d.stat().st_mtime_ns))
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in dirs)
+    assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["active_adapters"] == b["active_adapters"]
+    ta, tb = (load_file(str(d / "task_2.safetensors")) for d in dirs)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
