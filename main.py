@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +24,22 @@ from utils.config import (Config, ConfigError, build_config, check_device, descr
 from utils.data_manager import DataManager
 from utils.datasets import DataError, load_dataset
 from utils.io import CheckpointError, new_run_dir, save_json
+
+#: Exit codes: 0 done, 2 bad input (config, data, weights, checkpoint), 3 NaN/inf loss,
+#: 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, what a cluster sends before preemption).
+EXIT_TERMINATED = 143
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: stop like Ctrl-C, with the completed tasks saved."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+#: The run folder in progress, for the message that says how to resume it.
+CURRENT_RUN: list[Path] = []
 
 #: Keys a resumed run may change: they do not alter the experiment.
 RESUME_KEYS = {"max_tasks", "num_workers", "progress", "device"}
@@ -46,6 +64,17 @@ def resolve_device(spec) -> torch.device:
     return dev
 
 
+def check_writable(log_dir: str) -> None:
+    """The run folders' parent must take files: find out now, not after the first task has trained."""
+    try:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=log_dir):
+            pass
+    except OSError as e:
+        raise ConfigError(f"config key 'log_dir' = '{log_dir}' is not writable ({e.strerror or e}); "
+                          "choose another folder") from None
+
+
 def setup_logging(run_dir: Path) -> None:
     logger = logging.getLogger("cl")
     logger.setLevel(logging.INFO)
@@ -65,6 +94,7 @@ def make_data_manager(cfg: Config, data, seed: int) -> DataManager:
 def run_seed(cfg: Config, seed: int, data, device: torch.device) -> Path:
     """One seed of an experiment in a fresh run folder; returns the folder."""
     run_dir = new_run_dir(cfg.log_dir, f"{cfg.prefix}_{cfg.dataset}_{cfg.model_name}_{seed}")
+    CURRENT_RUN[:] = [run_dir]
     save_json(run_dir / "config.json", dict(cfg.to_dict(), seed=seed))
     setup_logging(run_dir)
     log = logging.getLogger("cl")
@@ -94,6 +124,10 @@ def resume(run_dir: Path, overrides: dict) -> Path:
     done = len(metrics["A"]) - 1
     setup_logging(run_dir)
     log = logging.getLogger("cl")
+    CURRENT_RUN[:] = [run_dir]
+    for stale in run_dir.glob(".*.tmp"):  # an atomic write cut off by SIGKILL: never a real file
+        stale.unlink()
+        log.info(f"removed {stale.name}, a temporary file left by the interrupted run")
     seed = cfg.seeds[0]
     data = load_dataset(cfg)
     dm = make_data_manager(cfg, data, seed)
@@ -110,6 +144,15 @@ def resume(run_dir: Path, overrides: dict) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; SIGTERM is handled like Ctrl-C for as long as it runs."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Any config key can be overridden: --epochs 1 --pretrained false "
                                             "--lora_targets '[\"q\",\"v\"]' (values are read as JSON).")
@@ -142,16 +185,21 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         device = resolve_device(cfg.device)
         check_device(cfg, device.type)  # before any work: no run folder yet
+        check_writable(cfg.log_dir)
         data = load_dataset(cfg)
+        for seed in cfg.seeds:  # task splits that cannot be made stop here, not after a run folder exists
+            make_data_manager(cfg, data, seed)
         for seed in cfg.seeds:
             run_seed(replace(cfg, seed=seed), seed, data, device)
     except (ConfigError, DataError, BackboneError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: completed tasks are saved; continue with python main.py --resume RUN_DIR "
-              "(the run folder is printed at the start of the log)", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:
+        term = isinstance(e, Terminated)
+        where = str(CURRENT_RUN[0]) if CURRENT_RUN else "RUN_DIR"
+        print(f"\n{'terminated (SIGTERM)' if term else 'interrupted'}: completed tasks are saved; continue "
+              f"with python main.py --resume {where}", file=sys.stderr)
+        return EXIT_TERMINATED if term else 130
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -27,7 +27,7 @@ from backbone.head import GrowingHead
 from backbone.vit import LoRAViT, create_vit
 from utils.config import Config, check_device
 from utils.data_manager import DataManager
-from utils.io import load_tensors, save_json, save_tensors
+from utils.io import CheckpointError, load_tensors, save_json, save_tensors
 from utils.metrics import summarize, topk_correct
 from utils.optim import build_optimizer, build_scheduler
 from utils.transforms import build_transforms
@@ -316,6 +316,13 @@ class Learner:
         Structure is replayed (head growth, adapters) and every tensor is loaded; no method
         decision (pruning, ...) is taken again: the last checkpoint's mask and gate are used.
         """
+        try:
+            self._restore(dm, done)
+        except (RuntimeError, KeyError) as e:
+            raise CheckpointError(f"the checkpoints in {self.run_dir} do not fit its config.json ({e}); was the "
+                                  "config edited, or does the folder hold another run?") from None
+
+    def _restore(self, dm: DataManager, done: int) -> None:
         for task in range(done + 1):
             self._n_new = dm.sizes[task]
             self.begin_task(task, dm.sizes[task])

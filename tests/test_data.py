@@ -18,7 +18,7 @@ def test_class_order_seed_1993():
 def test_task_sizes():
     assert task_sizes(100, 10, 10) == [10] * 10
     assert task_sizes(100, 50, 20) == [50, 20, 20, 10]
-    with pytest.raises(ValueError):
+    with pytest.raises(DataError, match="init_cls"):
         task_sizes(10, 20, 5)
 
 

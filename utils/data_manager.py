@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils.datasets import SplitData
+from utils.datasets import DataError, SplitData
 
 
 def class_order(n_classes: int, shuffle: bool, seed: int) -> np.ndarray:
@@ -21,7 +21,8 @@ def class_order(n_classes: int, shuffle: bool, seed: int) -> np.ndarray:
 def task_sizes(n_classes: int, init_cls: int, increment: int) -> list[int]:
     """init_cls classes, then increment per task; the last task takes what remains."""
     if init_cls > n_classes:
-        raise ValueError(f"init_cls={init_cls} is larger than the dataset's {n_classes} classes")
+        raise DataError(f"config key 'init_cls' = {init_cls} asks for more classes than the dataset's "
+                        f"{n_classes}; lower it (or check data_path / synthetic_classes)")
     sizes = [init_cls]
     left = n_classes - init_cls
     sizes += [increment] * (left // increment)

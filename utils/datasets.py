@@ -49,9 +49,22 @@ def _load_npz(path: Path) -> SplitData:
     except (KeyError, ValueError, OSError) as e:
         raise DataError(f"'{path}' is not a readable CIFAR .npz ({e}); "
                         "it needs x_train, y_train, x_test, y_test") from None
-    if x_tr.ndim != 4 or x_tr.shape[-1] != 3 or x_tr.dtype != np.uint8:
-        raise DataError(f"'{path}': x_train must be uint8 (N, H, W, 3), got {x_tr.dtype} {x_tr.shape}")
+    for name, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
+        if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
+            raise DataError(f"'{path}': x_{name} must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"'{path}': y_{name} must be {len(x)} integer labels (one per image of x_{name}), "
+                            f"got {y.dtype} {y.shape}")
+    if x_te.shape[1:] != x_tr.shape[1:]:
+        raise DataError(f"'{path}': x_train images are {x_tr.shape[1:]}, x_test images {x_te.shape[1:]}")
     n = int(max(y_tr.max(), y_te.max())) + 1
+    lo = int(min(y_tr.min(), y_te.min()))
+    if lo < 0 or (names and n > len(names)):
+        raise DataError(f"'{path}': labels must lie in 0..{(len(names) if names else n) - 1}, found "
+                        f"{lo}..{n - 1}")
+    if len(np.unique(y_tr)) != n:
+        raise DataError(f"'{path}': y_train has {len(np.unique(y_tr))} distinct labels but its largest is {n - 1}; "
+                        "labels must be 0..C-1 with every class present")
     return SplitData(x_tr, y_tr.astype(np.int64), x_te, y_te.astype(np.int64), names or [str(i) for i in range(n)])
 
 
