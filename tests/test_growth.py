@@ -30,6 +30,11 @@ def test_phase_schedule_spans_tau_init_to_tau_final_whatever_the_steps():
     assert phase_temperature(7, 16, 5.0, 0.5) == pytest.approx(5.0 * 0.1 ** (7 / 15))
 
 
+def test_judging_after_training_needs_no_phase_2(tiny):
+    cfg = build_config(dict(tiny, **dict(NEED, warmup_fraction=0.8, phase1_fraction=0.2)))
+    assert cfg.warmup_fraction == 0.8  # 4 warm-up + 1 selection epoch of 5: accepted
+
+
 def test_warmup_trains_the_new_adapter_ungated(tiny, tmp_path):
     learner, dm = learner_for(tiny, tmp_path, max_tasks=2, **NEED)
     seen = []
@@ -169,7 +174,7 @@ def test_kd_keeps_a_new_direction(tiny, tmp_path):
     (dict(gate_scope="previous", growth_cost=0.1), "growth_cost"),
     (dict(gate_scope="new", gate_granularity="layer"), "gate_granularity"),
     (dict(gumbel_tau_schedule="phase", gumbel_anneal_rate=0.9), "gumbel_anneal_rate"),
-    (dict(warmup_fraction=0.4, phase1_fraction=0.6, epochs=5), "phase 2 no epoch"),
+    (dict(warmup_fraction=0.6, phase1_fraction=0.6, epochs=5), "phase 2 no epoch"),
     (dict(two_phase=False, warmup_fraction=0.2), "warmup_fraction"),
 ])
 def test_growth_keys_that_cannot_work_are_rejected(tiny, over, match):

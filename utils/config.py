@@ -328,10 +328,11 @@ def _cross_checks(cfg: Config, raw: dict) -> list[str]:
             errs.append("config key 'prune_threshold' only applies to \"prune_rule\": \"frequency\"")
         e_w = math.ceil(cfg.warmup_fraction * cfg.epochs)
         e_1 = math.ceil(cfg.phase1_fraction * cfg.epochs)
-        if cfg.two_phase and e_w + e_1 >= cfg.epochs:  # task 0 is single-phase
+        # task 0 is single-phase; a kept new adapter must train somewhere: in a warm-up or in phase 2
+        if cfg.two_phase and (e_w + e_1 > cfg.epochs or (e_w == 0 and e_1 >= cfg.epochs)):
             errs.append(f"config key 'epochs' = {cfg.epochs} with warmup_fraction {cfg.warmup_fraction} and "
                         f"phase1_fraction {cfg.phase1_fraction} leaves phase 2 no epoch ({e_w} warm-up + {e_1} "
-                        "phase 1); raise 'epochs' or lower the fractions")
+                        "phase 1), so new adapters never train; raise 'epochs' or lower the fractions")
         if cfg.gumbel_tau_schedule == "phase" and \
                 raw.get("gumbel_anneal_rate", d.gumbel_anneal_rate) != d.gumbel_anneal_rate:
             errs.append("config key 'gumbel_anneal_rate' only applies to \"gumbel_tau_schedule\": \"step\"")
