@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -114,8 +115,9 @@ def plot_accuracy_matrix(run: Run, out: Path) -> Path:
     ax.set_yticks(range(T), [str(t) for t in range(T)])
     ax.set_xlabel("test images of task j")
     ax.set_ylabel("after training task t")
-    ax.set_title(f"Accuracy (%), {run.name}\nA_last {run.metrics['A_last']:.2f}, "
-                 f"forgetting {run.metrics['forgetting']:.2f}", fontsize=11)
+    ax.set_title(f"accuracy (%): A_last {run.metrics['A_last']:.2f}, forgetting "
+                 f"{run.metrics['forgetting']:.2f}", fontsize=11)
+    _suptitle(fig, run.name)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return _save(fig, out / "accuracy_matrix.png")
 
@@ -134,7 +136,8 @@ def plot_curve(run: Run, out: Path) -> Path:
     ax.set_xticks(x)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=9)
-    ax.set_title(f"{run.name}: A_last {run.metrics['A_last']:.2f}, A_avg {run.metrics['A_avg']:.2f}", fontsize=11)
+    ax.set_title(f"A_last {run.metrics['A_last']:.2f}, A_avg {run.metrics['A_avg']:.2f}", fontsize=11)
+    _suptitle(fig, run.name)
     return _save(fig, out / "accuracy_curve.png")
 
 
@@ -162,7 +165,7 @@ def plot_adapters(run: Run, out: Path) -> Optional[Path]:
                 if pruned[t, i]:
                     ax.text(i, t, "×", ha="center", va="center", color="tab:cyan", fontsize=12, fontweight="bold")
                 elif T <= 12:
-                    ax.text(i, t, f"{beta[t, i]:.2f}", ha="center", va="center", fontsize=8,
+                    ax.text(i, t, f"{beta[t, i]:.2g}", ha="center", va="center", fontsize=9,
                             color="white" if beta[t, i] < 0.5 else "black")
         ax.set_xticks(range(T))
         ax.set_yticks(range(T))
@@ -180,7 +183,8 @@ def plot_adapters(run: Run, out: Path) -> Optional[Path]:
     ax.set_ylim(0, T + 0.5)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=9)
-    ax.set_title(f"{run.name}: {active[-1]}/{T} active", fontsize=11)
+    ax.set_title(f"{active[-1]} of {T} adapters active", fontsize=11)
+    _suptitle(fig, run.name)
     return _save(fig, out / "adapters.png")
 
 
@@ -195,6 +199,12 @@ def plot_comparison(runs: list[Run], out: Path) -> Path:
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title("Accuracy after each task")
     return _save(fig, out / "comparison.png")
+
+
+def _suptitle(fig, text: str) -> None:
+    """The run's name over the whole figure, wrapped so that no label is cut at the edge."""
+    width = max(40, int(fig.get_size_inches()[0] * 9))
+    fig.suptitle("\n".join(textwrap.wrap(text, width)), fontsize=10)
 
 
 def _save(fig, path: Path) -> Path:
