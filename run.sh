@@ -52,6 +52,8 @@ if [ "${1:-}" = "offline" ]; then
     run "sdlora_$seed"         --config=exps/sdlora_c100.json "${P[@]}" --seed $seed "$@"
     run "gumbel_chosen_$seed"  --config=exps/gumbel_c100.json "${P[@]}" --seed $seed "$@"
   done
+  run gumbel_v2_1993           --config=exps/gumbel_c100.json "${P[@]}" --warmup_fraction 0.6 --growth_threshold 1e-6 \
+                               --prefix gumbel_v2 --seed 1993 "$@"
   run sdlora_rr                --config=exps/sdlora_c100.json "${P[@]}" --model_name sdlora_rr --prefix sdlora_rr "$@"
   run sdlora_kd                --config=exps/sdlora_c100.json "${P[@]}" --model_name sdlora_kd --prefix sdlora_kd \
                                --kd_threshold 1.0 "$@"
