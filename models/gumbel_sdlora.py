@@ -179,7 +179,7 @@ class GumbelSDLoRA(Learner):
         gated = gate.gated_tasks()
         tau = float(gate.tau_eval)
         n_all = gate.n_tasks
-        rows = gate.n_layers if gate.granularity == "layer" else 1
+        rows = gate.rows
         beta_full = torch.zeros(rows, n_all, device=self.device)
         freq_full = None
         pruned: list[int] = []
