@@ -4,6 +4,12 @@
 #   bash run.sh offline [--key value ...]   the README's growth table on the offline protocol (../shared CIFAR-100
 #                                           npz and ViT-S/14, img 112, 10 tasks, 50 train / 20 test images per class,
 #                                           5 epochs, batch 32): every method and variant of the table
+#   bash run.sh scan [--key value ...]      the growth-rule scan on the offline protocol: gumbel_c100.json with
+#                                           other warm-up / selection lengths and growth costs
+# SEEDS (default "1993 1994") are the seeds of the SD-LoRA and chosen-rule rows (offline) and of every scan row;
+# ONLY=REGEX starts only the runs whose name matches (e.g. ONLY=holdout bash run.sh scan);
+# SINGLE_SEED_ROWS=0 skips the offline rows that run on seed 1993 alone;
+# SHARED (default ../shared) is where the npz and the weights are read from.
 # Extra arguments are passed to every run as overrides, e.g.  bash run.sh --data_path /data/cifar100
 # JOBS=2 runs two at a time with one thread each (on 2 CPU cores that is ~1.3x the throughput of one run
 # on both cores); LOG_DIR (default logs) is where the run folders and the console logs go.
@@ -13,12 +19,14 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 JOBS=${JOBS:-1}
+ONLY=${ONLY:-.}   # a regular expression: only the runs whose name matches it
 LOG_DIR=${LOG_DIR:-logs}
 mkdir -p "$LOG_DIR"
 
 OUTS=()
 run() {  # run NAME ARGS...: one main.py run, its console output in $LOG_DIR/NAME.out
   local name=$1; shift
+  [[ $name =~ $ONLY ]] || return 0
   OUTS+=("$LOG_DIR/$name.out")
   echo "=== $name: $PY main.py $*"
   if [ "$JOBS" -gt 1 ]; then
@@ -40,25 +48,67 @@ summarize() {  # the report over the run folders named in the console logs (runs
   fi
 }
 
+SEEDS=${SEEDS:-1993 1994}
+SHARED=${SHARED:-../shared}
+P=(--dataset cifar100 --data_path "$SHARED/data/cifar100/cifar100.npz" --download false
+   --backbone_type vit_small_patch14_dinov2
+   --pretrained_path "$SHARED/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors"
+   --img_size 112 --init_cls 10 --increment 10 --train_per_class 50 --test_per_class 20
+   --epochs 5 --batch_size 32 --num_workers 0 --progress false)
+
+if [ "${1:-}" = "scan" ]; then
+  shift
+  G=(--config=exps/gumbel_c100.json "${P[@]}")
+  for seed in $SEEDS; do   # name: w = warm-up fraction, p = selection (phase 1) fraction, c = growth cost
+    run "scan_w8_c02_$seed"    "${G[@]}" --growth_cost 0.02 --prefix scan_w8_c02 --seed $seed "$@"
+    run "scan_w8_c04_$seed"    "${G[@]}" --growth_cost 0.04 --prefix scan_w8_c04 --seed $seed "$@"
+    run "scan_w8_c12_$seed"    "${G[@]}" --growth_cost 0.12 --prefix scan_w8_c12 --seed $seed "$@"
+    run "scan_w6_c04_$seed"    "${G[@]}" --warmup_fraction 0.6 --growth_cost 0.04 --prefix scan_w6_c04 --seed $seed "$@"
+    run "scan_w6_c08_$seed"    "${G[@]}" --warmup_fraction 0.6 --prefix scan_w6_c08 --seed $seed "$@"
+    run "scan_w6_c12_$seed"    "${G[@]}" --warmup_fraction 0.6 --growth_cost 0.12 --prefix scan_w6_c12 --seed $seed "$@"
+    run "scan_w4_c08_$seed"    "${G[@]}" --warmup_fraction 0.4 --prefix scan_w4_c08 --seed $seed "$@"
+    run "scan_w6p4_c04_$seed"  "${G[@]}" --warmup_fraction 0.6 --phase1_fraction 0.4 --growth_cost 0.04 \
+                               --prefix scan_w6p4_c04 --seed $seed "$@"
+    run "scan_w6p4_c08_$seed"  "${G[@]}" --warmup_fraction 0.6 --phase1_fraction 0.4 --prefix scan_w6p4_c08 \
+                               --seed $seed "$@"
+    # reuse: a pruned new adapter's task trains the latest kept adapter in phase 2 (skip_mode reuse)
+    for wc in "2 04" "2 08" "4 04" "4 06" "4 08" "4 12" "6 04" "6 06" "6 08" "6 12"; do w=${wc% *}; c=${wc#* }
+      run "scan_reuse_w${w}_c${c}_$seed" "${G[@]}" --skip_mode reuse --warmup_fraction 0.$w --growth_cost 0.$c \
+          --prefix "scan_reuse_w${w}_c${c}" --seed $seed "$@"
+    done
+    # fixed growth schedules (SD-LoRA, no gate): the baseline any conditional rule has to beat
+    for sm in "0,1,2,3,4,5 none" "0,1,2,3,4,5 reuse" "0,1,3,5,7,9 none" "0,1,3,5,7,9 reuse" "0,2,4,6,8 none" "0,2,4,6,8 reuse" \
+              "0,3,6,9 reuse" "0 reuse"; do
+      sched=${sm% *}; mode=${sm#* }; tag=$(echo "$sched" | tr -d ,)
+      run "sched_${tag}_${mode}_$seed" --config=exps/sdlora_c100.json "${P[@]}" --growth_schedule "[$sched]" \
+          --skip_mode $mode --prefix "sched_${tag}_${mode}" --seed $seed "$@"
+    done
+    # h = selection_holdout: phase 1 judges on that share of the images, kept out of the warm-up
+    for w in 6 8; do for c in 04 08 12 20; do
+      run "scan_holdout_h2_w${w}_c${c}_$seed" "${G[@]}" --selection_holdout 0.2 --warmup_fraction 0.$w \
+          --growth_cost 0.$c --prefix "scan_holdout_h2_w${w}_c${c}" --seed $seed "$@"
+    done; done
+  done
+  wait
+  summarize
+  exit 0
+fi
+
 if [ "${1:-}" = "offline" ]; then
   shift
-  SHARED=${SHARED:-../shared}
-  P=(--dataset cifar100 --data_path "$SHARED/data/cifar100/cifar100.npz" --download false
-     --backbone_type vit_small_patch14_dinov2
-     --pretrained_path "$SHARED/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors"
-     --img_size 112 --init_cls 10 --increment 10 --train_per_class 50 --test_per_class 20
-     --epochs 5 --batch_size 32 --num_workers 0 --progress false)
-  for seed in 1993 1994; do
+  for seed in $SEEDS; do
     run "sdlora_$seed"         --config=exps/sdlora_c100.json "${P[@]}" --seed $seed "$@"
     run "gumbel_chosen_$seed"  --config=exps/gumbel_c100.json "${P[@]}" --seed $seed "$@"
   done
-  run gumbel_v2_1993           --config=exps/gumbel_c100.json "${P[@]}" --warmup_fraction 0.6 --growth_threshold 1e-6 \
-                               --prefix gumbel_v2 --seed 1993 "$@"
-  run sdlora_rr                --config=exps/sdlora_c100.json "${P[@]}" --model_name sdlora_rr --prefix sdlora_rr "$@"
-  run sdlora_kd                --config=exps/sdlora_c100.json "${P[@]}" --model_name sdlora_kd --prefix sdlora_kd \
-                               --kd_threshold 1.0 "$@"
-  run gumbel_seed_threshold    --config=exps/gumbel_seed.json "${P[@]}" --prune_rule threshold "$@"
-  run gumbel_seed_frequency    --config=exps/gumbel_seed.json "${P[@]}" "$@"
+  if [ "${SINGLE_SEED_ROWS:-1}" = 1 ]; then  # the rows run on seed 1993 alone (SINGLE_SEED_ROWS=0 skips them)
+    run gumbel_v2_1993           --config=exps/gumbel_c100.json "${P[@]}" --warmup_fraction 0.6 --growth_threshold 1e-6 \
+                                 --prefix gumbel_v2 --seed 1993 "$@"
+    run sdlora_rr                --config=exps/sdlora_c100.json "${P[@]}" --model_name sdlora_rr --prefix sdlora_rr "$@"
+    run sdlora_kd                --config=exps/sdlora_c100.json "${P[@]}" --model_name sdlora_kd --prefix sdlora_kd \
+                                 --kd_threshold 1.0 "$@"
+    run gumbel_seed_threshold    --config=exps/gumbel_seed.json "${P[@]}" --prune_rule threshold "$@"
+    run gumbel_seed_frequency    --config=exps/gumbel_seed.json "${P[@]}" "$@"
+  fi
   wait
   summarize
   exit 0

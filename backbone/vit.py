@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from backbone.gate import AdapterGate
-from backbone.lora import LoRAQKV
+from backbone.lora import LoRAQKV, adapter_norm
 
 
 class BackboneError(ValueError):
@@ -83,6 +83,21 @@ class LoRAViT(nn.Module):
     def freeze_current(self) -> None:
         """End of a task: the current adapter joins the frozen ones (norms computed once, here)."""
         self.gate.current = None
+        self.configure()
+
+    def reopen(self, task: int) -> None:
+        """Make frozen adapter ``task`` the trainable one again (it serves the task now running).
+
+        Its B is divided by the direction norm first, so the unnormalised product the current adapter
+        uses equals the normalised direction it had while frozen: the network is unchanged by the switch.
+        """
+        with torch.no_grad():
+            for layer in self.layers:
+                A, B = layer.lora_A[str(task)], layer.lora_B[str(task)]
+                norm = adapter_norm(A, B, layer.direction_norm)
+                A.data = A.data.clone()  # out of the frozen stack, which configure() rebuilds without it
+                B.data = B.data / torch.where(norm > 0, norm, torch.ones_like(norm))[:, None, None]
+        self.gate.current = task
         self.configure()
 
     def _push_coefficients(self) -> None:

@@ -88,6 +88,7 @@ class Learner:
         self.metrics: dict = {k: [] for k in (
             "accuracy_matrix", "A", "old_accuracy", "new_accuracy", "top5", "active_adapters",
             "adapter_params", "train_seconds", "eval_seconds")}
+        self.trained_by: dict[int, int] = {}  # task -> the earlier adapter it reopened (skip_mode "reuse")
         if cfg.compile:
             import torch._dynamo
             # the adapter set changes at every task boundary: allow those recompilations
@@ -118,6 +119,17 @@ class Learner:
                 self.gate.reset_alphas(self.alpha_init)
             self.net.backbone.add_task(task, self.rank(task), self.alpha_init)
             self.net.to(self.device)
+
+    def skip_adapter(self, task: int, reuse: bool) -> None:
+        """Task ``task`` keeps no adapter of its own: it leaves the forward pass for good; with ``reuse``
+        the latest earlier active adapter trains again in its place (and is saved with this task)."""
+        self.gate.prune([task])
+        earlier = [t for t in self.gate.active_tasks() if t < task]
+        if reuse and earlier:
+            self.trained_by[task] = earlier[-1]
+            self.net.backbone.reopen(earlier[-1])
+        else:
+            self.net.backbone.configure()
 
     def train_task(self, task: int, loader: DataLoader) -> None:
         """Default: one phase training every trainable tensor with the configured optimiser."""
@@ -297,9 +309,11 @@ class Learner:
         """Task ``task``'s adapter, the whole head and the gate, as plain tensors."""
         t = {"head.weight": self.net.head.weight, "head.bias": self.net.head.bias}
         if self.uses_adapters:
+            owner = self.trained_by.get(task, task)  # a task that reopened an earlier adapter saves that one
             for i, layer in enumerate(self.net.backbone.layers):
-                t[f"adapter.{i}.A"] = layer.lora_A[str(task)]
-                t[f"adapter.{i}.B"] = layer.lora_B[str(task)]
+                t[f"adapter.{i}.A"] = layer.lora_A[str(owner)]
+                t[f"adapter.{i}.B"] = layer.lora_B[str(owner)]
+            t["adapter.owner"] = torch.tensor(owner)
             t["gate.alpha"] = self.gate.alphas(list(range(self.gate.n_tasks)))
             t["gate.pruning_mask"] = self.gate.pruning_mask
         t.update(self.extra_tensors())
@@ -328,10 +342,11 @@ class Learner:
             self.begin_task(task, dm.sizes[task])
             ck = load_tensors(self.run_dir / f"task_{task}.safetensors")
             if self.uses_adapters:
+                owner = str(int(ck["adapter.owner"])) if "adapter.owner" in ck else str(task)
                 with torch.no_grad():
                     for i, layer in enumerate(self.net.backbone.layers):
-                        layer.lora_A[str(task)].copy_(ck[f"adapter.{i}.A"])
-                        layer.lora_B[str(task)].copy_(ck[f"adapter.{i}.B"])
+                        layer.lora_A[owner].copy_(ck[f"adapter.{i}.A"])
+                        layer.lora_B[owner].copy_(ck[f"adapter.{i}.B"])
                 self.gate.current = None
         with torch.no_grad():
             self.net.head.weight.copy_(ck["head.weight"])

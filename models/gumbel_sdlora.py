@@ -7,8 +7,11 @@ SPEC section 3. Per task t >= 1 with ``two_phase``:
       adapter frozen; loss = CE + lambda_sparsity * entropy(beta); tau anneals every step;
   growth decision: prune adapters by the threshold or frequency rule (never the top one);
   phase 2 (the rest): logits frozen, beta deterministic at the tau phase 1 ended with; alphas
-      (group lr ``alpha_lr``), the new adapter (if kept) and the head train with a fresh optimiser;
+      (group lr ``alpha_lr``), the new adapter (if kept; if pruned and ``skip_mode: "reuse"``, the
+      latest kept adapter, reopened) and the head train with a fresh optimiser;
       loss = CE + lambda_alpha * sum(alpha^2).
+``selection_holdout``: the warm-up trains on all but a share of each class's images, and phase 1
+judges on that share alone with the head frozen (the need of the adapter on images it has not fit).
 Task 0, or ``two_phase: false``: one phase training everything, decision at the end.
 After each task the mask and a beta log are written to the run folder; the mask file is read
 back when the next task starts, so a pruned adapter never comes back.
@@ -18,11 +21,13 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
+from torch.utils.data import Subset
 
 from backbone.gate import GumbelGate
 from models import register
-from models.base import Learner, log
+from models.base import Learner, log, task_seed
 from utils.gumbel_utils import gumbel_sparsemax, phase_temperature, sparsity_loss, temperature
 from utils.io import load_tensors, save_torch
 
@@ -78,8 +83,8 @@ class GumbelSDLoRA(Learner):
         return self.cfg.lambda_alpha * torch.stack(alphas).square().sum()
 
     # ---- what trains when --------------------------------------------------------------------------
-    def set_trainable(self, logits: bool, alphas: bool, adapter: bool) -> None:
-        """requires_grad per role; pruned adapters' alphas and logits never train. The head always does."""
+    def set_trainable(self, logits: bool, alphas: bool, adapter: bool, head: bool = True) -> None:
+        """requires_grad per role; pruned adapters' alphas and logits never train."""
         active, gated = set(self.gate.active_tasks()), set(self.gate.gated_tasks())
         for k, p in self.gate.logits.items():
             p.requires_grad_(logits and int(k) in gated)
@@ -92,7 +97,7 @@ class GumbelSDLoRA(Learner):
                 for k, p in d.items():
                     p.requires_grad_(adapter and kept and int(k) == cur)
         for p in self.net.head.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(head)
 
     def _groups(self, alpha_lr: Optional[float] = None) -> list[dict]:
         """Every trainable tensor at the task's learning rate, except the logits (``gate_lr``, when set)
@@ -127,18 +132,24 @@ class GumbelSDLoRA(Learner):
             return
         e_w = math.ceil(c.warmup_fraction * epochs)
         e1 = math.ceil(c.phase1_fraction * epochs)
+        held = c.selection_holdout > 0
+        learn, judge = self.holdout_split(task, loader) if held else (loader, loader)
         if e_w:  # warm-up: the new adapter learns ungated; old adapters as inference sees them
             gate.ungated, gate.noise, gate.tau = True, False, float(gate.tau_eval)
             self.set_trainable(logits=False, alphas=True, adapter=True)
-            self.fit(task, loader, self._groups(), e_w, f"Task {task} warm-up")
-            self._probe_need(task, loader)
+            self.fit(task, learn, self._groups(), e_w, f"Task {task} warm-up")
+            self._probe_need(task, judge, batches=len(judge) if held else 2)
             gate.ungated, gate.noise = False, True
-        self.set_trainable(logits=True, alphas=False, adapter=False)
-        self.phase_steps = len(loader) * e1
-        self.fit(task, loader, self._groups(), e1, f"Task {task} phase 1",
+        # phase 1 on held-out images: only the logits train (a head trained there would learn the very
+        # images that judge), as many steps as e1 epochs of the whole task
+        self.set_trainable(logits=True, alphas=False, adapter=False, head=not held)
+        passes = e1 * math.ceil(len(loader) / len(judge)) if held else e1
+        self.phase_steps = len(judge) * passes
+        self.fit(task, judge, self._groups(), passes, f"Task {task} phase 1",
                  extra_loss=self._gate_loss, on_step=self._anneal)
         gate.tau_eval.fill_(gate.tau)
-        self.decide(task)
+        if task in self.decide(task) and c.skip_mode == "reuse":
+            self.skip_adapter(task, reuse=True)  # phase 2 trains the latest kept adapter instead
         # phase 2: beta fixed at its deterministic value at the tau phase 1 ended with (scope 'new':
         # the decision is made, the kept adapter has g = 1)
         gate.noise, gate.ungated = False, c.gate_scope == "new"
@@ -149,10 +160,25 @@ class GumbelSDLoRA(Learner):
                      extra_loss=self._alpha_l2)
         gate.ungated = False
 
+    def holdout_split(self, task: int, loader) -> tuple:
+        """Loaders over the task's images minus a seeded ``selection_holdout`` share of each class, and
+        over that share (at least one image of each class)."""
+        ds = loader.dataset
+        rng = np.random.RandomState(task_seed(self.seed, task) % 2**32)
+        learn, judge = [], []
+        for c in np.unique(ds.labels):
+            idx = rng.permutation(np.nonzero(ds.labels == c)[0])
+            k = max(1, round(self.cfg.selection_holdout * len(idx)))
+            judge += idx[:k].tolist()
+            learn += idx[k:].tolist()
+        return (self.loader(Subset(ds, sorted(learn)), train=True, task=task),
+                self.loader(Subset(ds, sorted(judge)), train=True, task=task))
+
     @torch.no_grad()
     def _probe_need(self, task: int, loader, batches: int = 2) -> None:
-        """Diagnostic after the warm-up: the task loss on a few training batches with the new adapter
-        at g = 1 and at g = 0 (its alpha zeroed for the probe). Logged and kept in the beta record."""
+        """Diagnostic after the warm-up: the task loss on a few training batches (on every held-out one
+        with ``selection_holdout``) with the new adapter at g = 1 and at g = 0 (its alpha zeroed for the
+        probe). Logged and kept in the beta record."""
         alpha = self.gate.alpha[str(task)]
         kept = alpha.detach().clone()
         lo = self.net.head.out_features - self._n_new
@@ -256,6 +282,7 @@ class GumbelSDLoRA(Learner):
             "alpha": gate.alphas(list(range(n))).detach().cpu(),
             "logits": torch.stack([gate.logits[str(t)] for t in range(n)]).detach().cpu(),
             "anchor": gate.anchor.cpu().clone(),
+            "trained_adapter": self.trained_by.get(task, task),
             **self.probe,
             "prune_rule": self.cfg.prune_rule,
             "gate_scope": self.cfg.gate_scope,

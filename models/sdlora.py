@@ -17,9 +17,17 @@ from utils.io import save_torch
 
 @register("sdlora")
 class SDLoRA(Learner):
-    """The base learner already is SD-LoRA: gate g = 1, alpha per task, one training phase."""
+    """The base learner already is SD-LoRA: gate g = 1, alpha per task, one training phase. With
+    ``growth_schedule``, only the tasks listed get an adapter (a fixed-growth baseline); the others
+    train the magnitudes and head, or, with ``skip_mode: "reuse"``, the latest adapter as well."""
 
     default_alpha = 0.8
+
+    def begin_task(self, task: int, n_new_classes: int) -> None:
+        super().begin_task(task, n_new_classes)
+        sched = self.cfg.growth_schedule
+        if sched is not None and task not in sched:
+            self.skip_adapter(task, reuse=self.cfg.skip_mode == "reuse")
 
 
 @register("sdlora_rr")

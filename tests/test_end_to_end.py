@@ -73,6 +73,14 @@ def test_resumed_run_equals_uninterrupted(model, extra, tiny, tmp_path):
     assert main(["--resume", str(part_dir), "--epochs", "4"]) == 2  # may not change the experiment
 
 
+def test_resume_after_a_task_that_reopened_an_adapter(tiny, tmp_path):
+    cfg = dict(tiny, model_name="sdlora", growth_schedule=[0], skip_mode="reuse", epochs=2)
+    full = json.loads((run(cfg, tmp_path) / "metrics.json").read_text())
+    part_dir = run(dict(cfg, max_tasks=2), tmp_path)  # task 1 trained adapter 0: restored from task_1's file
+    assert main(["--resume", str(part_dir), "--max_tasks", "3"]) == 0
+    assert json.loads((part_dir / "metrics.json").read_text())["accuracy_matrix"] == full["accuracy_matrix"]
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_results(tiny, tmp_path, capsys):
     p = tmp_path / "cfg.json"
     p.write_text(json.dumps(dict(tiny, optimizer="sgd", lrate=1e30, init_lr=1e-3)))

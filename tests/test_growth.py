@@ -11,6 +11,7 @@ from models.sdlora import SDLoRAKD
 from utils.config import ConfigError, build_config
 from utils.datasets import load_dataset
 from utils.gumbel_utils import phase_temperature
+from utils.io import load_tensors
 
 NEED = dict(model_name="gumbel_sdlora", gate_scope="new", warmup_fraction=0.4, phase1_fraction=0.2,
             gumbel_tau_schedule="phase", gate_lr=0.5, epochs=5)
@@ -70,6 +71,37 @@ def test_warmup_trains_the_new_adapter_ungated(tiny, tmp_path):
     assert phase1["trainable"] == {"backbone.gate.logits.1", "head.weight", "head.bias"}
     phase2 = seen[3]  # decided: a kept adapter is alone in its gate, g = 1
     assert phase2["ungated"] and phase2["beta"] is None
+
+
+def test_holdout_selection_judges_on_images_the_warmup_never_saw(tiny, tmp_path):
+    learner, dm = learner_for(tiny, tmp_path, max_tasks=2, selection_holdout=0.25, **NEED)
+    seen = []
+    real_fit = learner.fit
+
+    def spy(task, loader, groups, epochs, desc, **kw):
+        named = dict(learner.net.named_parameters())
+        before = {n: p.detach().clone() for n, p in named.items()}
+        ds = loader.dataset
+        idx = sorted(ds.indices) if hasattr(ds, "indices") else list(range(len(ds)))
+        seen.append(dict(desc=desc, epochs=epochs, idx=idx, batches=len(loader),
+                         trainable={n for n, p in named.items() if p.requires_grad}))
+        real_fit(task, loader, groups, epochs, desc, **kw)
+        seen[-1]["changed"] = {n for n, p in learner.net.named_parameters()
+                               if not torch.equal(p.detach(), before[n])}
+
+    learner.fit = spy
+    learner.run(dm)
+    warm, phase1, phase2 = seen[1:]
+    assert [s["desc"] for s in seen[1:]] == ["Task 1 warm-up", "Task 1 phase 1", "Task 1 phase 2"]
+    n_task = len(seen[0]["idx"])                       # task 1 has as many images as task 0 here
+    assert not set(warm["idx"]) & set(phase1["idx"])   # disjoint, and together the whole task
+    assert sorted(warm["idx"] + phase1["idx"]) == list(range(n_task)) == phase2["idx"]
+    labels = dm.train_set(1, learner.train_tf).labels  # every class is held out in its share
+    assert set(labels[phase1["idx"]]) == set(labels) and len(phase1["idx"]) == round(0.25 * n_task)
+    # only the logit trains in phase 1, for as many steps as one epoch over the whole task
+    assert phase1["trainable"] == phase1["changed"] == {"backbone.gate.logits.1"}
+    assert phase1["epochs"] * phase1["batches"] >= seen[0]["batches"]
+    assert learner.probe["loss_with"] > 0
 
 
 def test_old_adapters_keep_their_anchored_gate_value(tiny, tmp_path):
@@ -176,6 +208,10 @@ def test_kd_keeps_a_new_direction(tiny, tmp_path):
     (dict(gumbel_tau_schedule="phase", gumbel_anneal_rate=0.9), "gumbel_anneal_rate"),
     (dict(warmup_fraction=0.6, phase1_fraction=0.6, epochs=5), "phase 2 no epoch"),
     (dict(two_phase=False, warmup_fraction=0.2), "warmup_fraction"),
+    (dict(warmup_fraction=0.0, selection_holdout=0.2), "selection_holdout"),
+    (dict(warmup_fraction=0.4, selection_holdout=0.7), "selection_holdout"),
+    (dict(two_phase=False, selection_holdout=0.2), "selection_holdout"),
+    (dict(skip_mode="reuse", warmup_fraction=0.8, phase1_fraction=0.2, epochs=5), "skip_mode"),
 ])
 def test_growth_keys_that_cannot_work_are_rejected(tiny, over, match):
     with pytest.raises(ConfigError, match=match):
@@ -198,3 +234,71 @@ def test_kd_that_drops_nothing_is_sdlora_bit_for_bit(tiny, tmp_path):
     assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["active_adapters"] == b["active_adapters"]
     ta, tb = (load_file(str(d / "task_2.safetensors")) for d in dirs)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_reopening_a_frozen_adapter_leaves_the_output_unchanged(tiny, tmp_path):
+    learner, _ = learner_for(tiny, tmp_path, cls=SDLoRAKD, model_name="sdlora")
+    bb = learner.net.backbone
+    for t in range(2):
+        learner.begin_task(t, 2)
+        with torch.no_grad():
+            for layer in bb.layers:
+                layer.lora_B[str(t)].normal_(std=0.3)
+        bb.freeze_current()
+    x = torch.randn(3, 3, 32, 32)
+    learner.net.train()  # unmerged path: frozen adapters normalised, the current one not
+    before = learner.net(x)
+    bb.reopen(0)
+    assert learner.gate.current == 0 and bb.layers[0].lora_B["0"].requires_grad
+    assert torch.allclose(learner.net(x), before, atol=1e-5)
+    bb.freeze_current()
+    assert torch.allclose(learner.net(x), before, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["none", "reuse"])
+def test_fixed_growth_schedule(mode, tiny, tmp_path):
+    from models.sdlora import SDLoRA
+    learner, dm = learner_for(tiny, tmp_path, cls=SDLoRA, model_name="sdlora", growth_schedule=[0, 2],
+                              skip_mode=mode, max_tasks=3, save_adapters=True)
+    init_B1 = {}
+    snap = {}
+    real_begin = learner.begin_task
+
+    def spy(task, n):
+        real_begin(task, n)
+        if task == 1:
+            layer = learner.net.backbone.layers[0]
+            init_B1["B"] = layer.lora_B["1"].detach().clone()
+            snap["A0"] = layer.lora_A["0"].detach().clone()
+
+    learner.begin_task = spy
+    metrics = learner.run(dm)
+    layer = learner.net.backbone.layers[0]
+    assert metrics["active_adapters"] == [1, 1, 2]
+    assert learner.gate.active_tasks() == [0, 2]
+    assert torch.equal(layer.lora_B["1"], init_B1["B"])     # the skipped task's own adapter never trained
+    ck = load_tensors(Path(learner.run_dir) / "task_1.safetensors")
+    if mode == "reuse":  # adapter 0 trained on task 1 and is what task 1 saved
+        assert not torch.equal(layer.lora_A["0"], snap["A0"]) and int(ck["adapter.owner"]) == 0
+        assert torch.equal(ck["adapter.0.A"], layer.lora_A["0"].detach())
+    else:
+        assert torch.equal(layer.lora_A["0"], snap["A0"]) and int(ck["adapter.owner"]) == 1
+
+
+def test_gumbel_reuse_trains_the_latest_kept_adapter_when_the_new_one_is_pruned(tiny, tmp_path):
+    learner, dm = learner_for(tiny, tmp_path, max_tasks=2, skip_mode="reuse", **dict(NEED, growth_cost=50.0))
+    learner.run(dm)
+    rec = torch.load(Path(learner.run_dir) / "beta_values_task_1.pt", weights_only=False)
+    assert rec["pruning_mask"].tolist() == [1, 0] and rec["trained_adapter"] == 0
+    ck = load_tensors(Path(learner.run_dir) / "task_1.safetensors")
+    assert int(ck["adapter.owner"]) == 0
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(skip_mode="reuse"), "growth_schedule"),
+    (dict(growth_schedule=[1, 2]), "starting with 0"),
+    (dict(growth_schedule=[0, 3, 2]), "increasing"),
+])
+def test_fixed_schedule_keys_that_cannot_work_are_rejected(tiny, over, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config(dict(tiny, model_name="sdlora", **over))

@@ -50,6 +50,10 @@ def _warmup(v) -> Optional[str]:
     return None if 0 <= v < 1 else "must be in [0, 1)"
 
 
+def _holdout(v) -> Optional[str]:
+    return None if 0 <= v <= 0.5 else "must be in [0, 0.5]"
+
+
 def _zero(v) -> Optional[str]:
     return None if not v else "rehearsal is not supported by these methods; set it to 0 (or false)"
 
@@ -63,6 +67,15 @@ def _targets(v) -> Optional[str]:
 
 def _scale(v) -> Optional[str]:
     return None if len(v) == 2 and 0 < v[0] <= v[1] <= 1 else "must be [min, max] with 0 < min <= max <= 1"
+
+
+def _growth_schedule(v) -> Optional[str]:
+    if v is None:
+        return None
+    ok = isinstance(v, list) and v and all(isinstance(t, int) and t >= 0 for t in v)
+    if not ok or v != sorted(set(v)) or v[0] != 0:
+        return "must be an increasing list of task indices starting with 0 (task 0 always gets an adapter)"
+    return None
 
 
 def _rank_schedule(v) -> Optional[str]:
@@ -119,6 +132,12 @@ class Config:
     backbone_kwargs: dict = _key(None, "extra timm.create_model arguments (depth, patch_size, ...)",
                                  default_factory=dict)
     lora_rank: int = _key(10, "rank of each task's adapter", LORA_METHODS, check=_positive)
+    growth_schedule: Optional[list] = _key(
+        None, "tasks that get an adapter of their own (a fixed growth schedule, e.g. [0, 1, 2, 4, 6, 8]); "
+        "null: every task", ("sdlora", "sdlora_rr"), check=_growth_schedule)
+    skip_mode: Literal["none", "reuse"] = _key(
+        "none", "what a task without an adapter of its own trains besides magnitudes and head: nothing "
+        "(\"none\") or the latest earlier adapter, reopened (\"reuse\")", ("sdlora", "sdlora_rr", "gumbel_sdlora"))
     rank_schedule: Optional[list] = _key(
         None, "SD-LoRA-RR: [[first_task, rank], ...]; sdlora_rr defaults to [[0,10],[4,8],[8,6]]",
         LORA_METHODS, check=_rank_schedule)
@@ -175,6 +194,9 @@ class Config:
                                   "with alphas and head, before phase 1 judges it", GUMBEL, check=_warmup)
     growth_cost: float = _key(0.0, "phase 1 price of the new adapter: loss += growth_cost * its gate value "
                               "(nats per unit of gate)", GUMBEL, check=_non_negative)
+    selection_holdout: float = _key(0.0, "share of each new class's training images kept out of the warm-up "
+                                    "and used alone, head frozen, by phase 1 to judge the new adapter "
+                                    "(0: phase 1 trains on the task's whole data)", GUMBEL, check=_holdout)
     gate_lr: Optional[float] = _key(None, "learning rate of the gate logits (default: lrate)", GUMBEL,
                                     check=_positive)
     alpha_lr: float = _key(0.04, "phase 2 learning rate of alpha", GUMBEL, check=_positive)
@@ -319,6 +341,9 @@ def _cross_checks(cfg: Config, raw: dict) -> list[str]:
         errs.append("config key 'momentum' only applies to \"optimizer\": \"sgd\"")
     if cfg.pretrained_path and not cfg.pretrained:
         errs.append("config key 'pretrained_path' is set but 'pretrained' is false; set pretrained to true")
+    if cfg.model_name in ("sdlora", "sdlora_rr") and cfg.skip_mode != "none" and cfg.growth_schedule is None:
+        errs.append("config key 'skip_mode' applies to the tasks a 'growth_schedule' leaves without an adapter; "
+                    "set growth_schedule or remove skip_mode")
     if cfg.model_name == "gumbel_sdlora":
         if cfg.gumbel_tau_final > cfg.gumbel_tau_init:
             errs.append("config key 'gumbel_tau_final' must be <= 'gumbel_tau_init'")
@@ -339,10 +364,19 @@ def _cross_checks(cfg: Config, raw: dict) -> list[str]:
         if cfg.growth_cost and cfg.gate_scope == "previous":
             errs.append('config key \'growth_cost\' prices the new adapter\'s gate value, but "gate_scope": '
                         '"previous" does not gate it; use "gate_scope": "all" or "new"')
+        if cfg.skip_mode == "reuse" and cfg.two_phase and \
+                math.ceil(cfg.warmup_fraction * cfg.epochs) + math.ceil(cfg.phase1_fraction * cfg.epochs) >= cfg.epochs:
+            errs.append('"skip_mode": "reuse" trains the reopened adapter in phase 2, but the warm-up and '
+                        "phase 1 leave phase 2 no epoch; lower warmup_fraction or phase1_fraction")
+        if cfg.selection_holdout and cfg.warmup_fraction == 0:
+            errs.append("config key 'selection_holdout' keeps images out of the warm-up, but 'warmup_fraction' "
+                        "is 0 (no warm-up, phase 1 judges an untrained adapter); set a warmup_fraction or "
+                        "remove selection_holdout")
         if cfg.gate_scope == "new" and cfg.gate_granularity == "layer":
             errs.append('"gate_scope": "new" anchors one gate value per adapter: use "gate_granularity": "task"')
         if not cfg.two_phase:
-            for key in ("phase1_fraction", "alpha_lr", "lambda_alpha", "warmup_fraction"):
+            for key in ("phase1_fraction", "alpha_lr", "lambda_alpha", "warmup_fraction", "selection_holdout",
+                        "skip_mode"):
                 if raw.get(key, getattr(d, key)) != getattr(d, key):
                     errs.append(f"config key '{key}' only applies with \"two_phase\": true; remove it or "
                                 "set two_phase to true")
