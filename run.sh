@@ -76,6 +76,11 @@ if [ "${1:-}" = "scan" ]; then
       run "scan_reuse_w${w}_c${c}_$seed" "${G[@]}" --skip_mode reuse --warmup_fraction 0.$w --growth_cost 0.$c \
           --prefix "scan_reuse_w${w}_c${c}" --seed $seed "$@"
     done
+    # share: as reuse, growth_cost divided by the number of tasks the adapter a skip would reopen serves
+    for wc in "4 06" "4 08" "4 12" "4 16" "6 08" "6 12"; do w=${wc% *}; c=${wc#* }
+      run "scan_share_w${w}_c${c}_$seed" "${G[@]}" --skip_mode reuse --cost_by_share true --warmup_fraction 0.$w \
+          --growth_cost 0.$c --prefix "scan_share_w${w}_c${c}" --seed $seed "$@"
+    done
     # fixed growth schedules (SD-LoRA, no gate): the baseline any conditional rule has to beat
     for sm in "0,1,2,3,4,5 none" "0,1,2,3,4,5 reuse" "0,1,3,5,7,9 none" "0,1,3,5,7,9 reuse" "0,2,4,6,8 none" "0,2,4,6,8 reuse" \
               "0,3,6,9 reuse" "0 reuse"; do

@@ -131,6 +131,10 @@ class Learner:
         else:
             self.net.backbone.configure()
 
+    def served(self, adapter: int) -> int:
+        """How many tasks an adapter has trained on: its own and those that reopened it."""
+        return 1 + sum(1 for k in self.trained_by.values() if k == adapter)
+
     def train_task(self, task: int, loader: DataLoader) -> None:
         """Default: one phase training every trainable tensor with the configured optimiser."""
         self.fit(task, loader, self.param_groups(), self.epochs(task), desc=f"Task {task}")
@@ -343,6 +347,8 @@ class Learner:
             ck = load_tensors(self.run_dir / f"task_{task}.safetensors")
             if self.uses_adapters:
                 owner = str(int(ck["adapter.owner"])) if "adapter.owner" in ck else str(task)
+                if owner != str(task):
+                    self.trained_by[task] = int(owner)
                 with torch.no_grad():
                     for i, layer in enumerate(self.net.backbone.layers):
                         layer.lora_A[owner].copy_(ck[f"adapter.{i}.A"])

@@ -43,6 +43,7 @@ class GumbelSDLoRA(Learner):
     def begin_task(self, task: int, n_new_classes: int) -> None:
         super().begin_task(task, n_new_classes)
         self._load_mask_file()
+        self.growth_cost = self.cfg.growth_cost
         self.step = 0
         self.decision: dict = {}
         self.probe: dict = {}
@@ -72,9 +73,18 @@ class GumbelSDLoRA(Learner):
             return torch.zeros((), device=self.device)
         loss = c.lambda_sparsity * sparsity_loss(beta, c.sparsity_eps)
         gated = self.gate.gated_tasks()
-        if c.growth_cost and self.gate.current in gated:
-            loss = loss + c.growth_cost * beta[:, gated.index(self.gate.current)].mean()
+        if self.growth_cost and self.gate.current in gated:
+            loss = loss + self.growth_cost * beta[:, gated.index(self.gate.current)].mean()
         return loss
+
+    def task_growth_cost(self, task: int) -> float:
+        """growth_cost, divided with ``cost_by_share`` by the number of tasks the adapter a skip would
+        reopen already serves: sharing an adapter gets dearer, so a new one gets cheaper."""
+        c = self.cfg
+        earlier = [t for t in self.gate.active_tasks() if t < task]
+        if not c.cost_by_share or not earlier:
+            return c.growth_cost
+        return c.growth_cost / self.served(earlier[-1])
 
     def _alpha_l2(self) -> torch.Tensor:
         alphas = [a for a in self.gate.alpha.values() if a.requires_grad]
@@ -142,6 +152,7 @@ class GumbelSDLoRA(Learner):
             gate.ungated, gate.noise = False, True
         # phase 1 on held-out images: only the logits train (a head trained there would learn the very
         # images that judge), as many steps as e1 epochs of the whole task
+        self.growth_cost = self.task_growth_cost(task)
         self.set_trainable(logits=True, alphas=False, adapter=False, head=not held)
         passes = e1 * math.ceil(len(loader) / len(judge)) if held else e1
         self.phase_steps = len(judge) * passes
@@ -283,6 +294,7 @@ class GumbelSDLoRA(Learner):
             "logits": torch.stack([gate.logits[str(t)] for t in range(n)]).detach().cpu(),
             "anchor": gate.anchor.cpu().clone(),
             "trained_adapter": self.trained_by.get(task, task),
+            "growth_cost": self.growth_cost,
             **self.probe,
             "prune_rule": self.cfg.prune_rule,
             "gate_scope": self.cfg.gate_scope,

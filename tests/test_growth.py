@@ -212,6 +212,7 @@ def test_kd_keeps_a_new_direction(tiny, tmp_path):
     (dict(warmup_fraction=0.4, selection_holdout=0.7), "selection_holdout"),
     (dict(two_phase=False, selection_holdout=0.2), "selection_holdout"),
     (dict(skip_mode="reuse", warmup_fraction=0.8, phase1_fraction=0.2, epochs=5), "skip_mode"),
+    (dict(cost_by_share=True, growth_cost=0.1), "cost_by_share"),
 ])
 def test_growth_keys_that_cannot_work_are_rejected(tiny, over, match):
     with pytest.raises(ConfigError, match=match):
@@ -302,3 +303,12 @@ def test_gumbel_reuse_trains_the_latest_kept_adapter_when_the_new_one_is_pruned(
 def test_fixed_schedule_keys_that_cannot_work_are_rejected(tiny, over, match):
     with pytest.raises(ConfigError, match=match):
         build_config(dict(tiny, model_name="sdlora", **over))
+
+
+def test_cost_by_share_halves_the_growth_cost_once_the_adapter_serves_two_tasks(tiny, tmp_path):
+    learner, dm = learner_for(tiny, tmp_path, max_tasks=3, skip_mode="reuse", cost_by_share=True,
+                              **dict(NEED, growth_cost=50.0))
+    learner.run(dm)
+    recs = [torch.load(Path(learner.run_dir) / f"beta_values_task_{t}.pt", weights_only=False) for t in (1, 2)]
+    assert [r["trained_adapter"] for r in recs] == [0, 0] and learner.served(0) == 3
+    assert [r["growth_cost"] for r in recs] == [50.0, 25.0]

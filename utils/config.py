@@ -197,6 +197,8 @@ class Config:
     selection_holdout: float = _key(0.0, "share of each new class's training images kept out of the warm-up "
                                     "and used alone, head frozen, by phase 1 to judge the new adapter "
                                     "(0: phase 1 trains on the task's whole data)", GUMBEL, check=_holdout)
+    cost_by_share: bool = _key(False, "with skip_mode reuse: divide growth_cost by the number of tasks the "
+                               "adapter a skip would reopen already serves", GUMBEL)
     gate_lr: Optional[float] = _key(None, "learning rate of the gate logits (default: lrate)", GUMBEL,
                                     check=_positive)
     alpha_lr: float = _key(0.04, "phase 2 learning rate of alpha", GUMBEL, check=_positive)
@@ -368,6 +370,9 @@ def _cross_checks(cfg: Config, raw: dict) -> list[str]:
                 math.ceil(cfg.warmup_fraction * cfg.epochs) + math.ceil(cfg.phase1_fraction * cfg.epochs) >= cfg.epochs:
             errs.append('"skip_mode": "reuse" trains the reopened adapter in phase 2, but the warm-up and '
                         "phase 1 leave phase 2 no epoch; lower warmup_fraction or phase1_fraction")
+        if cfg.cost_by_share and (cfg.skip_mode != "reuse" or not cfg.growth_cost):
+            errs.append('config key \'cost_by_share\' divides growth_cost by how many tasks share the adapter a '
+                        'skip reopens: it needs "skip_mode": "reuse" and a growth_cost > 0')
         if cfg.selection_holdout and cfg.warmup_fraction == 0:
             errs.append("config key 'selection_holdout' keeps images out of the warm-up, but 'warmup_fraction' "
                         "is 0 (no warm-up, phase 1 judges an untrained adapter); set a warmup_fraction or "
