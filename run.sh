@@ -81,6 +81,14 @@ if [ "${1:-}" = "scan" ]; then
       run "scan_share_w${w}_c${c}_$seed" "${G[@]}" --skip_mode reuse --cost_by_share true --warmup_fraction 0.$w \
           --growth_cost 0.$c --prefix "scan_share_w${w}_c${c}" --seed $seed "$@"
     done
+    # retrain: after the decision the task restarts from its start state and trains the chosen structure
+    for rswc in "skip share 2 08" "skip share 2 12" "skip share 4 08" "skip share 4 12" "all share 2 08" \
+                "all share 2 12" "skip plain 2 08" "skip plain 4 08"; do
+      read -r r sh w c <<< "$rswc"
+      share=$([ "$sh" = share ] && echo true || echo false)
+      run "scan_retrain_${r}_${sh}_w${w}_c${c}_$seed" "${G[@]}" --skip_mode reuse --retrain $r --cost_by_share $share \
+          --warmup_fraction 0.$w --growth_cost 0.$c --prefix "scan_retrain_${r}_${sh}_w${w}_c${c}" --seed $seed "$@"
+    done
     # fixed growth schedules (SD-LoRA, no gate): the baseline any conditional rule has to beat
     for sm in "0,1,2,3,4,5 none" "0,1,2,3,4,5 reuse" "0,1,3,5,7,9 none" "0,1,3,5,7,9 reuse" "0,2,4,6,8 none" "0,2,4,6,8 reuse" \
               "0,3,6,9 reuse" "0 reuse"; do

@@ -10,6 +10,9 @@ SPEC section 3. Per task t >= 1 with ``two_phase``:
       (group lr ``alpha_lr``), the new adapter (if kept; if pruned and ``skip_mode: "reuse"``, the
       latest kept adapter, reopened) and the head train with a fresh optimiser;
       loss = CE + lambda_alpha * sum(alpha^2).
+``retrain``: after the decision the task starts over from the state it began with and trains the chosen
+structure for all its epochs ("skip": only when the new adapter was pruned; "all": always), so that the
+warm-up and phase 1 are a trial that costs epochs but leaves no half-trained head behind.
 ``selection_holdout``: the warm-up trains on all but a share of each class's images, and phase 1
 judges on that share alone with the head frozen (the need of the adapter on images it has not fit).
 Task 0, or ``two_phase: false``: one phase training everything, decision at the end.
@@ -142,6 +145,7 @@ class GumbelSDLoRA(Learner):
             return
         e_w = math.ceil(c.warmup_fraction * epochs)
         e1 = math.ceil(c.phase1_fraction * epochs)
+        start = self.task_start_state(task) if c.retrain != "none" else None
         held = c.selection_holdout > 0
         learn, judge = self.holdout_split(task, loader) if held else (loader, loader)
         if e_w:  # warm-up: the new adapter learns ungated; old adapters as inference sees them
@@ -159,17 +163,43 @@ class GumbelSDLoRA(Learner):
         self.fit(task, judge, self._groups(), passes, f"Task {task} phase 1",
                  extra_loss=self._gate_loss, on_step=self._anneal)
         gate.tau_eval.fill_(gate.tau)
-        if task in self.decide(task) and c.skip_mode == "reuse":
+        skipped = task in self.decide(task)
+        e2 = epochs - e_w - e1
+        if c.retrain == "all" or (c.retrain == "skip" and skipped):
+            self.load_task_start_state(start)  # the trial is over: the chosen structure trains from scratch
+            e2 = epochs
+        if skipped and c.skip_mode == "reuse":
             self.skip_adapter(task, reuse=True)  # phase 2 trains the latest kept adapter instead
         # phase 2: beta fixed at its deterministic value at the tau phase 1 ended with (scope 'new':
         # the decision is made, the kept adapter has g = 1)
         gate.noise, gate.ungated = False, c.gate_scope == "new"
         gate.tau = float(gate.tau_eval)
         self.set_trainable(logits=False, alphas=True, adapter=True)
-        if epochs - e_w - e1 > 0:
-            self.fit(task, loader, self._groups(c.alpha_lr), epochs - e_w - e1, f"Task {task} phase 2",
+        if e2 > 0:
+            self.fit(task, loader, self._groups(c.alpha_lr), e2, f"Task {task} phase 2",
                      extra_loss=self._alpha_l2)
         gate.ungated = False
+
+    @torch.no_grad()
+    def task_start_state(self, task: int) -> dict[str, torch.Tensor]:
+        """Copies of what a task trains (head, magnitudes, its own adapter), as the task found them."""
+        state = {f"head.{n}": p.detach().clone() for n, p in self.net.head.named_parameters()}
+        state.update({f"alpha.{k}": a.detach().clone() for k, a in self.gate.alpha.items()})
+        for i, layer in enumerate(self.net.backbone.layers):
+            state[f"A.{i}"] = layer.lora_A[str(task)].detach().clone()
+            state[f"B.{i}"] = layer.lora_B[str(task)].detach().clone()
+        return state
+
+    @torch.no_grad()
+    def load_task_start_state(self, state: dict[str, torch.Tensor]) -> None:
+        task = self.gate.n_tasks - 1
+        for n, p in self.net.head.named_parameters():
+            p.copy_(state[f"head.{n}"])
+        for k, a in self.gate.alpha.items():
+            a.copy_(state[f"alpha.{k}"])
+        for i, layer in enumerate(self.net.backbone.layers):
+            layer.lora_A[str(task)].copy_(state[f"A.{i}"])
+            layer.lora_B[str(task)].copy_(state[f"B.{i}"])
 
     def holdout_split(self, task: int, loader) -> tuple:
         """Loaders over the task's images minus a seeded ``selection_holdout`` share of each class, and

@@ -312,3 +312,27 @@ def test_cost_by_share_halves_the_growth_cost_once_the_adapter_serves_two_tasks(
     recs = [torch.load(Path(learner.run_dir) / f"beta_values_task_{t}.pt", weights_only=False) for t in (1, 2)]
     assert [r["trained_adapter"] for r in recs] == [0, 0] and learner.served(0) == 3
     assert [r["growth_cost"] for r in recs] == [50.0, 25.0]
+
+
+@pytest.mark.parametrize("retrain, cost", [("skip", 50.0), ("all", 0.0)])
+def test_retrain_restarts_the_task_from_its_start_state(retrain, cost, tiny, tmp_path):
+    learner, dm = learner_for(tiny, tmp_path, max_tasks=2, skip_mode="reuse", retrain=retrain,
+                              **dict(NEED, growth_cost=cost))
+    seen, start = [], {}
+    real_fit, real_state = learner.fit, learner.task_start_state
+
+    def state_spy(task):
+        start.update(real_state(task))
+        return real_state(task)
+
+    def spy(task, loader, groups, epochs, desc, **kw):
+        same = "head.weight" in start and torch.equal(learner.net.head.weight, start["head.weight"])
+        seen.append((desc, epochs, same))
+        real_fit(task, loader, groups, epochs, desc, **kw)
+
+    learner.fit, learner.task_start_state = spy, state_spy
+    learner.run(dm)
+    assert [s[:2] for s in seen[1:]] == [("Task 1 warm-up", 2), ("Task 1 phase 1", 1), ("Task 1 phase 2", 5)]
+    assert seen[1][2] and not seen[2][2] and seen[3][2]  # phase 2 starts from the head the task began with
+    kept = learner.gate.active_tasks()
+    assert kept == ([0] if retrain == "skip" else [0, 1])

@@ -197,6 +197,9 @@ class Config:
     selection_holdout: float = _key(0.0, "share of each new class's training images kept out of the warm-up "
                                     "and used alone, head frozen, by phase 1 to judge the new adapter "
                                     "(0: phase 1 trains on the task's whole data)", GUMBEL, check=_holdout)
+    retrain: Literal["none", "skip", "all"] = _key(
+        "none", "after the growth decision, restart the task (head, magnitudes, new adapter as it found them) and "
+        "train the chosen structure for all epochs: never, when the new adapter was pruned, or always", GUMBEL)
     cost_by_share: bool = _key(False, "with skip_mode reuse: divide growth_cost by the number of tasks the "
                                "adapter a skip would reopen already serves", GUMBEL)
     gate_lr: Optional[float] = _key(None, "learning rate of the gate logits (default: lrate)", GUMBEL,
@@ -366,10 +369,10 @@ def _cross_checks(cfg: Config, raw: dict) -> list[str]:
         if cfg.growth_cost and cfg.gate_scope == "previous":
             errs.append('config key \'growth_cost\' prices the new adapter\'s gate value, but "gate_scope": '
                         '"previous" does not gate it; use "gate_scope": "all" or "new"')
-        if cfg.skip_mode == "reuse" and cfg.two_phase and \
+        if cfg.skip_mode == "reuse" and cfg.two_phase and cfg.retrain == "none" and \
                 math.ceil(cfg.warmup_fraction * cfg.epochs) + math.ceil(cfg.phase1_fraction * cfg.epochs) >= cfg.epochs:
             errs.append('"skip_mode": "reuse" trains the reopened adapter in phase 2, but the warm-up and '
-                        "phase 1 leave phase 2 no epoch; lower warmup_fraction or phase1_fraction")
+                        "phase 1 leave phase 2 no epoch; lower warmup_fraction or phase1_fraction, or set retrain")
         if cfg.cost_by_share and (cfg.skip_mode != "reuse" or not cfg.growth_cost):
             errs.append('config key \'cost_by_share\' divides growth_cost by how many tasks share the adapter a '
                         'skip reopens: it needs "skip_mode": "reuse" and a growth_cost > 0')
@@ -381,7 +384,7 @@ def _cross_checks(cfg: Config, raw: dict) -> list[str]:
             errs.append('"gate_scope": "new" anchors one gate value per adapter: use "gate_granularity": "task"')
         if not cfg.two_phase:
             for key in ("phase1_fraction", "alpha_lr", "lambda_alpha", "warmup_fraction", "selection_holdout",
-                        "skip_mode"):
+                        "skip_mode", "retrain"):
                 if raw.get(key, getattr(d, key)) != getattr(d, key):
                     errs.append(f"config key '{key}' only applies with \"two_phase\": true; remove it or "
                                 "set two_phase to true")
