@@ -160,9 +160,14 @@ def plot_adapters(run: Run, out: Path) -> Optional[Path]:
             beta[t, :len(b)] = b.numpy()
             pruned[t, :len(mask)] = (mask <= 0).numpy()
         im = ax.imshow(beta, cmap="magma", vmin=0, vmax=1)
+        reused = {t: int(rec["trained_adapter"]) for t, rec in enumerate(run.gate)
+                  if int(rec.get("trained_adapter", t)) != t}  # skip_mode reuse: the adapter task t trained
         for t in range(T):
             for i in range(t + 1):
-                if pruned[t, i]:
+                if i == t and t in reused:
+                    ax.text(i, t, f"→{reused[t]}", ha="center", va="center", color="tab:cyan", fontsize=9,
+                            fontweight="bold")
+                elif pruned[t, i]:
                     ax.text(i, t, "×", ha="center", va="center", color="tab:cyan", fontsize=12, fontweight="bold")
                 elif T <= 12:
                     ax.text(i, t, f"{beta[t, i]:.2g}", ha="center", va="center", fontsize=9,
@@ -171,7 +176,8 @@ def plot_adapters(run: Run, out: Path) -> Optional[Path]:
         ax.set_yticks(range(T))
         ax.set_xlabel("adapter i (its task)")
         ax.set_ylabel("after task t")
-        ax.set_title("gate value g in force (× pruned)", fontsize=11)
+        ax.set_title("gate value g in force (× pruned" + (", →k: trained adapter k)" if reused else ")"),
+                     fontsize=11)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax = axes[0, -1]
     x = np.arange(T)
