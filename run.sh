@@ -114,8 +114,11 @@ if [ "${1:-}" = "offline" ]; then
     run "gumbel_chosen_$seed"  --config=exps/gumbel_c100.json "${P[@]}" --seed $seed "$@"
   done
   if [ "${SINGLE_SEED_ROWS:-1}" = 1 ]; then  # the rows run on seed 1993 alone (SINGLE_SEED_ROWS=0 skips them)
-    run gumbel_v2_1993           --config=exps/gumbel_c100.json "${P[@]}" --warmup_fraction 0.6 --growth_threshold 1e-6 \
-                                 --prefix gumbel_v2 --seed 1993 "$@"
+    OLD=(--skip_mode none --retrain none --cost_by_share false --growth_cost 0.08)  # the rules before reuse
+    run gumbel_v2_1993           --config=exps/gumbel_c100.json "${P[@]}" "${OLD[@]}" --warmup_fraction 0.6 \
+                                 --growth_threshold 1e-6 --prefix gumbel_v2 --seed 1993 "$@"
+    run gumbel_v3_1993           --config=exps/gumbel_c100.json "${P[@]}" "${OLD[@]}" --warmup_fraction 0.8 \
+                                 --prefix gumbel_v3 --seed 1993 "$@"
     run sdlora_rr                --config=exps/sdlora_c100.json "${P[@]}" --model_name sdlora_rr --prefix sdlora_rr "$@"
     run sdlora_kd                --config=exps/sdlora_c100.json "${P[@]}" --model_name sdlora_kd --prefix sdlora_kd \
                                  --kd_threshold 1.0 "$@"

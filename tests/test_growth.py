@@ -23,6 +23,24 @@ def learner_for(tiny, tmp_path, cls=GumbelSDLoRA, **over):
     return learner, make_data_manager(cfg, load_dataset(cfg), 7)
 
 
+def spy_fits(learner, describe) -> list[dict]:
+    """Wrap learner.fit: before each call record describe(task, loader) plus desc, epochs and the trainable
+    tensors; after it, which tensors changed. Returns the list the records go to."""
+    seen, real_fit = [], learner.fit
+
+    def spy(task, loader, groups, epochs, desc, **kw):
+        named = dict(learner.net.named_parameters())
+        before = {n: p.detach().clone() for n, p in named.items()}
+        seen.append(dict(describe(task, loader), desc=desc, epochs=epochs,
+                         trainable={n for n, p in named.items() if p.requires_grad}))
+        real_fit(task, loader, groups, epochs, desc, **kw)
+        seen[-1]["changed"] = {n for n, p in learner.net.named_parameters()
+                               if not torch.equal(p.detach(), before[n])}
+
+    learner.fit = spy
+    return seen
+
+
 def test_phase_schedule_spans_tau_init_to_tau_final_whatever_the_steps():
     for n in (2, 16, 5000):
         taus = [phase_temperature(s, n, 5.0, 0.5) for s in range(n)]
@@ -38,23 +56,15 @@ def test_judging_after_training_needs_no_phase_2(tiny):
 
 def test_warmup_trains_the_new_adapter_ungated(tiny, tmp_path):
     learner, dm = learner_for(tiny, tmp_path, max_tasks=2, **NEED)
-    seen = []
-    real_fit = learner.fit
 
-    def spy(task, loader, groups, epochs, desc, **kw):
+    def gate_state(task, loader):
         gate = learner.gate
-        named = dict(learner.net.named_parameters())
-        before = {n: p.detach().clone() for n, p in named.items()}
         gate.train()
         w, beta = gate.coefficients()
-        seen.append(dict(desc=desc, epochs=epochs, ungated=gate.ungated, beta=beta,
-                         w_cur=float(w.detach()[0, -1]), alpha_cur=float(gate.alpha[str(task)].detach()),
-                         trainable={n for n, p in named.items() if p.requires_grad}))
-        real_fit(task, loader, groups, epochs, desc, **kw)
-        seen[-1]["changed"] = {n for n, p in learner.net.named_parameters()
-                               if not torch.equal(p.detach(), before[n])}
+        return dict(ungated=gate.ungated, beta=beta, w_cur=float(w.detach()[0, -1]),
+                    alpha_cur=float(gate.alpha[str(task)].detach()))
 
-    learner.fit = spy
+    seen = spy_fits(learner, gate_state)
     learner.run(dm)
     assert [s["desc"] for s in seen] == ["Task 0", "Task 1 warm-up", "Task 1 phase 1", "Task 1 phase 2"]
     assert [s["epochs"] for s in seen] == [5, 2, 1, 2]
@@ -75,21 +85,13 @@ def test_warmup_trains_the_new_adapter_ungated(tiny, tmp_path):
 
 def test_holdout_selection_judges_on_images_the_warmup_never_saw(tiny, tmp_path):
     learner, dm = learner_for(tiny, tmp_path, max_tasks=2, selection_holdout=0.25, **NEED)
-    seen = []
-    real_fit = learner.fit
 
-    def spy(task, loader, groups, epochs, desc, **kw):
-        named = dict(learner.net.named_parameters())
-        before = {n: p.detach().clone() for n, p in named.items()}
+    def images(task, loader):
         ds = loader.dataset
         idx = sorted(ds.indices) if hasattr(ds, "indices") else list(range(len(ds)))
-        seen.append(dict(desc=desc, epochs=epochs, idx=idx, batches=len(loader),
-                         trainable={n for n, p in named.items() if p.requires_grad}))
-        real_fit(task, loader, groups, epochs, desc, **kw)
-        seen[-1]["changed"] = {n for n, p in learner.net.named_parameters()
-                               if not torch.equal(p.detach(), before[n])}
+        return dict(idx=idx, batches=len(loader))
 
-    learner.fit = spy
+    seen = spy_fits(learner, images)
     learner.run(dm)
     warm, phase1, phase2 = seen[1:]
     assert [s["desc"] for s in seen[1:]] == ["Task 1 warm-up", "Task 1 phase 1", "Task 1 phase 2"]
