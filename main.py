@@ -103,9 +103,8 @@ def run_seed(cfg: Config, seed: int, data, device: torch.device) -> Path:
     dm = make_data_manager(cfg, data, seed)
     log.info(f"Class order: {dm.order.tolist()}")
     learner = get_learner(cfg.model_name)(cfg, device, run_dir, seed)
-    metrics = learner.run(dm)
-    log.info(f"Done: A_last {metrics['A_last']:.2f}, A_avg {metrics['A_avg']:.2f}, "
-             f"forgetting {metrics['forgetting']:.2f}; results in {run_dir}")
+    learner.run(dm)
+    log.info(f"Done: {learner.headline()}; results in {run_dir}")
     return run_dir
 
 
@@ -121,7 +120,7 @@ def resume(run_dir: Path, overrides: dict) -> Path:
     raw.update(overrides)
     cfg = build_config(raw)
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {"A": []}
-    done = len(metrics["A"]) - 1
+    done = len(metrics.get("A", metrics.get("til_A", []))) - 1  # til_A: a task-incremental run
     setup_logging(run_dir)
     log = logging.getLogger("cl")
     CURRENT_RUN[:] = [run_dir]
@@ -137,7 +136,7 @@ def resume(run_dir: Path, overrides: dict) -> Path:
     learner = get_learner(cfg.model_name)(cfg, resolve_device(cfg.device), run_dir, seed)
     if done >= 0:
         learner.restore(dm, done)
-        learner.metrics = metrics
+        learner.load_metrics(metrics)
     log.info(f"Resuming {run_dir} at task {done + 1}/{dm.n_tasks}")
     learner.run(dm, start=done + 1)
     return run_dir

@@ -4,6 +4,7 @@
 #   bash run.sh offline [--key value ...]   the README's growth table on the offline protocol (../shared CIFAR-100
 #                                           npz and ViT-S/14, img 112, 10 tasks, 50 train / 20 test images per class,
 #                                           5 epochs, batch 32): every method and variant of the table
+#   bash run.sh baselines [--key value ...] SD-LoRA, seq_lora and lora_task_id on the first 5 tasks of that protocol
 #   bash run.sh scan [--key value ...]      the growth-rule scan on the offline protocol: gumbel_c100.json with
 #                                           other warm-up / selection lengths and growth costs
 # SEEDS (default "1993 1994") are the seeds of the SD-LoRA and chosen-rule rows (offline) and of every scan row;
@@ -41,7 +42,9 @@ summarize() {  # the report over the run folders named in the console logs (runs
   local dirs=() d f
   for f in "${OUTS[@]}"; do
     d=$(grep -m1 -o "Run folder: .*" "$f" 2>/dev/null | sed 's/^Run folder: //') || true
-    if [ -n "$d" ] && [ -f "$d/metrics.json" ]; then dirs+=("$d"); else echo "(no finished task in $f)"; fi
+    if [ -n "$d" ] && grep -q '"til_A"' "$d/metrics.json" 2>/dev/null; then
+      echo "(task-incremental run, til_* metrics, not in the report: $d)"
+    elif [ -n "$d" ] && [ -f "$d/metrics.json" ]; then dirs+=("$d"); else echo "(no finished task in $f)"; fi
   done
   if [ ${#dirs[@]} -gt 0 ]; then
     "$PY" main.py --report "${dirs[@]}" --report_out "$LOG_DIR/report_$(date +%Y%m%d-%H%M%S)"
@@ -101,6 +104,16 @@ if [ "${1:-}" = "scan" ]; then
       run "scan_holdout_h2_w${w}_c${c}_$seed" "${G[@]}" --selection_holdout 0.2 --warmup_fraction 0.$w \
           --growth_cost 0.$c --prefix "scan_holdout_h2_w${w}_c${c}" --seed $seed "$@"
     done; done
+  done
+  wait
+  summarize
+  exit 0
+fi
+
+if [ "${1:-}" = "baselines" ]; then  # the explainer's references beside SD-LoRA, first 5 tasks of the protocol
+  shift
+  for cfg in sdlora seq_lora lora_task_id; do
+    run "${cfg}_5tasks" --config=exps/${cfg}_c100.json "${P[@]}" --max_tasks 5 --prefix "${cfg}_5tasks" "$@"
   done
   wait
   summarize

@@ -73,6 +73,18 @@ class AdapterGate(nn.Module):
         return self.current is not None and self._active[self.current]
 
 
+class IsolatedGate(AdapterGate):
+    """Per-task plain LoRA (lora_task_id): only the current adapter takes part, with w = 1; the others
+    stay stored, and evaluation makes each one current in turn for its own task's images."""
+
+    def add_task(self, task: int, alpha_init: float) -> None:
+        super().add_task(task, 1.0)
+        self.alpha[str(task)].requires_grad_(False)
+
+    def frozen_active(self) -> list[int]:
+        return []
+
+
 class FoldGate(AdapterGate):
     """SD-LoRA-KD: w_i = alpha_i + fold_i, where ``fold`` (a buffer, never reset nor trained) holds the
     coefficients of dropped adapters folded into the earlier magnitudes."""

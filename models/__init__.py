@@ -16,7 +16,7 @@ def register(name: str):
 
 def get_learner(name: str) -> Type:
     """The Learner class registered under ``name`` (importing the method modules on first use)."""
-    from models import gumbel_sdlora, linear_probe, sdlora  # noqa: F401  (they register themselves)
+    from models import gumbel_sdlora, linear_probe, lora_baselines, sdlora  # noqa: F401  (they register themselves)
     if name not in REGISTRY:
         raise KeyError(f"unknown model_name '{name}'; registered: {sorted(REGISTRY)}")
     return REGISTRY[name]

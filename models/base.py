@@ -72,6 +72,11 @@ class Learner:
 
     name: ClassVar[str] = "base"
     uses_adapters: ClassVar[bool] = True
+    # "til_": accuracies measured with the task identity given are saved as til_* keys, never as the
+    # class-incremental A, A_last, ...
+    metric_prefix: ClassVar[str] = ""
+    ACCURACY_KEYS: ClassVar[tuple] = ("accuracy_matrix", "A", "old_accuracy", "new_accuracy", "top5",
+                                      "A_last", "A_avg", "forgetting")
     default_alpha: ClassVar[float] = 0.8
 
     def __init__(self, cfg: Config, device: torch.device, run_dir: Path, seed: int):
@@ -295,19 +300,38 @@ class Learner:
         m["train_seconds"].append(train_s)
         m["eval_seconds"].append(eval_s)
         m.update(summarize(m["accuracy_matrix"], m["A"]))
-        save_json(self.run_dir / "metrics.json", m)
+        save_json(self.run_dir / "metrics.json", self.saved_metrics())
         grouped = dict(res["grouped"], total=round(res["total"], 2),
                        old=None if res["old"] is None else round(res["old"], 2), new=round(res["new"], 2))
-        log.info(f"CNN: {grouped}")
-        log.info(f"CNN top1 curve: {[round(a, 2) for a in m['A']]}")
-        log.info(f"CNN top5 curve: {[round(a, 2) for a in m['top5']]}")
-        log.info(f"Average Accuracy (CNN): {m['A_avg']:.2f}")
+        tag = "TIL" if self.metric_prefix else "CNN"
+        log.info(f"{tag}: {grouped}")
+        log.info(f"{tag} top1 curve: {[round(a, 2) for a in m['A']]}")
+        log.info(f"{tag} top5 curve: {[round(a, 2) for a in m['top5']]}")
+        log.info(f"Average Accuracy ({tag}): {m['A_avg']:.2f}")
         log.info("Accuracy matrix (row t: accuracy on tasks 0..t after task t):\n" + "\n".join(
             " ".join(f"{a:6.2f}" for a in row) for row in m["accuracy_matrix"]))
-        log.info(f"Forgetting (CNN): {m['forgetting']:.2f}")
+        log.info(f"Forgetting ({tag}): {m['forgetting']:.2f}")
         if self.uses_adapters:
             log.info(f"Active adapters: {len(active)}/{task + 1}, stored adapter parameters: "
                      f"{m['adapter_params'][-1]:,}")
+
+    def _saved_name(self, key: str) -> str:
+        if not self.metric_prefix or key not in self.ACCURACY_KEYS:
+            return key
+        return self.metric_prefix + ("accuracy" if key == "accuracy_matrix" else key)
+
+    def saved_metrics(self) -> dict:
+        """The metrics as metrics.json holds them (accuracy keys prefixed by ``metric_prefix``)."""
+        return {self._saved_name(k): v for k, v in self.metrics.items()}
+
+    def load_metrics(self, saved: dict) -> None:
+        """Take back a metrics.json written by ``saved_metrics`` (resume)."""
+        back = {self._saved_name(k): k for k in self.metrics}
+        self.metrics = {back.get(k, k): v for k, v in saved.items()}
+
+    def headline(self) -> str:
+        m, p = self.metrics, self.metric_prefix
+        return f"{p}A_last {m['A_last']:.2f}, {p}A_avg {m['A_avg']:.2f}, {p}forgetting {m['forgetting']:.2f}"
 
     def checkpoint_tensors(self, task: int) -> dict[str, torch.Tensor]:
         """Task ``task``'s adapter, the whole head and the gate, as plain tensors."""

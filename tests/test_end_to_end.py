@@ -55,7 +55,7 @@ GROW = dict(gate_scope="new", warmup_fraction=0.2, phase1_fraction=0.2, gumbel_t
 
 
 @pytest.mark.parametrize("model, extra", [("sdlora", {}), ("gumbel_sdlora", {}), ("gumbel_sdlora", GROW),
-                                          ("sdlora_kd", dict(kd_threshold=1.0))])
+                                          ("sdlora_kd", dict(kd_threshold=1.0)), ("seq_lora", {})])
 def test_resumed_run_equals_uninterrupted(model, extra, tiny, tmp_path):
     cfg = dict(tiny, model_name=model, **{"epochs": 3, **extra})
     full = json.loads((run(cfg, tmp_path) / "metrics.json").read_text())

@@ -20,6 +20,8 @@ from typing import Any, Literal, Optional, Union
 GUMBEL = ("gumbel_sdlora",)
 KD = ("sdlora_kd",)
 LORA_METHODS = ("sdlora", "sdlora_rr", "sdlora_kd", "gumbel_sdlora")
+PLAIN_LORA = ("seq_lora", "lora_task_id")  # the explainer's references: plain LoRA, no magnitudes
+ANY_LORA = LORA_METHODS + PLAIN_LORA
 
 
 class ConfigError(ValueError):
@@ -93,7 +95,8 @@ class Config:
 
     # --- run -------------------------------------------------------------------------------
     prefix: str = _key("run", "name prefix of the run folder")
-    model_name: Literal["sdlora", "sdlora_rr", "sdlora_kd", "gumbel_sdlora", "linear_probe"] = _key(
+    model_name: Literal["sdlora", "sdlora_rr", "sdlora_kd", "gumbel_sdlora", "linear_probe", "seq_lora",
+                        "lora_task_id"] = _key(
         "sdlora", "the method (models/ registry)")
     seed: Union[int, list[int]] = _key(1993, "seed, or a list of seeds run one after another")
     device: Union[str, list[str]] = _key(
@@ -131,7 +134,7 @@ class Config:
     pretrained_path: Optional[str] = _key(None, "local weights file (.safetensors / .pth) for backbone_type")
     backbone_kwargs: dict = _key(None, "extra timm.create_model arguments (depth, patch_size, ...)",
                                  default_factory=dict)
-    lora_rank: int = _key(10, "rank of each task's adapter", LORA_METHODS, check=_positive)
+    lora_rank: int = _key(10, "rank of each task's adapter", ANY_LORA, check=_positive)
     growth_schedule: Optional[list] = _key(
         None, "tasks that get an adapter of their own (a fixed growth schedule, e.g. [0, 1, 2, 4, 6, 8]); "
         "null: every task", ("sdlora", "sdlora_rr"), check=_growth_schedule)
@@ -141,7 +144,7 @@ class Config:
     rank_schedule: Optional[list] = _key(
         None, "SD-LoRA-RR: [[first_task, rank], ...]; sdlora_rr defaults to [[0,10],[4,8],[8,6]]",
         LORA_METHODS, check=_rank_schedule)
-    lora_targets: list[str] = _key(None, "slices of attn.qkv that get adapters", LORA_METHODS,
+    lora_targets: list[str] = _key(None, "slices of attn.qkv that get adapters", ANY_LORA,
                                    default_factory=lambda: ["q", "v"], check=_targets)
     direction_norm: Literal["factors", "frobenius"] = _key(
         "factors", "old adapters divided by ||A||_F*||B||_F or by ||BA||_F", LORA_METHODS)
@@ -149,7 +152,7 @@ class Config:
                                      check=_positive)
     alpha_reset_each_task: bool = _key(True, "re-initialise every alpha at each new task", LORA_METHODS)
     adapter_strategy: Literal["auto", "stacked", "merged", "loop"] = _key(
-        "auto", "how the adapter sum is computed in training (auto: cost model per shape)", LORA_METHODS)
+        "auto", "how the adapter sum is computed in training (auto: cost model per shape)", ANY_LORA)
 
     # --- optimisation ----------------------------------------------------------------------
     optimizer: Literal["sgd", "adam", "adamw"] = _key("sgd", "optimiser")
@@ -346,6 +349,9 @@ def _cross_checks(cfg: Config, raw: dict) -> list[str]:
         errs.append("config key 'momentum' only applies to \"optimizer\": \"sgd\"")
     if cfg.pretrained_path and not cfg.pretrained:
         errs.append("config key 'pretrained_path' is set but 'pretrained' is false; set pretrained to true")
+    if cfg.model_name == "lora_task_id" and not cfg.mask_old_logits:
+        errs.append("model_name 'lora_task_id' trains each task's head among its own classes: set "
+                    "mask_old_logits to true")
     if cfg.model_name in ("sdlora", "sdlora_rr") and cfg.skip_mode != "none" and cfg.growth_schedule is None:
         errs.append("config key 'skip_mode' applies to the tasks a 'growth_schedule' leaves without an adapter; "
                     "set growth_schedule or remove skip_mode")

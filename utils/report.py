@@ -71,6 +71,9 @@ def load_run(path) -> Run:
     if not path.is_dir():
         raise ReportError(f"run folder '{path}' does not exist")
     config, metrics = _read_json(path / "config.json"), _read_json(path / "metrics.json")
+    if "til_A" in metrics:
+        raise ReportError(f"{path} is a task-incremental run (til_* metrics, the task identity given): "
+                          "--report compares class-incremental runs; read its metrics.json")
     missing = [k for k in ("accuracy_matrix", "A", "A_last", "A_avg", "forgetting") if k not in metrics]
     if missing or not metrics.get("A"):
         raise ReportError(f"{path}: metrics.json lacks {missing or ['any finished task']}")
