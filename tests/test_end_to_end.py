@@ -54,12 +54,16 @@ GROW = dict(gate_scope="new", warmup_fraction=0.2, phase1_fraction=0.2, gumbel_t
             growth_cost=0.05, epochs=5)
 
 
+REUSE = dict(GROW, skip_mode="reuse", retrain="skip", cost_by_share=True, growth_cost=50.0)  # every task skips
+
+
 @pytest.mark.parametrize("model, extra", [("sdlora", {}), ("gumbel_sdlora", {}), ("gumbel_sdlora", GROW),
+                                          ("gumbel_sdlora", REUSE),
                                           ("sdlora_kd", dict(kd_threshold=1.0)), ("seq_lora", {})])
 def test_resumed_run_equals_uninterrupted(model, extra, tiny, tmp_path):
     cfg = dict(tiny, model_name=model, **{"epochs": 3, **extra})
     full = json.loads((run(cfg, tmp_path) / "metrics.json").read_text())
-    part_dir = run(dict(cfg, max_tasks=1), tmp_path)
+    part_dir = run(dict(cfg, max_tasks=2 if extra is REUSE else 1), tmp_path)  # REUSE: after a reopening
     assert main(["--resume", str(part_dir), "--max_tasks", "3"]) == 0
     resumed = json.loads((part_dir / "metrics.json").read_text())
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
@@ -68,6 +72,9 @@ def test_resumed_run_equals_uninterrupted(model, extra, tiny, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     if model == "gumbel_sdlora":  # the growth state (mask, anchors) came back from disk, not recomputed
         assert torch.equal(a["gate.pruning_mask"], b["gate.pruning_mask"]) and torch.equal(a["gate.anchor"], b["gate.anchor"])
+    if extra is REUSE:  # who served which task came back from the checkpoints: the same shared-cost price
+        rec = [torch.load(d / "beta_values_task_2.pt", weights_only=False) for d in (full_dir, part_dir)]
+        assert rec[0]["growth_cost"] == rec[1]["growth_cost"] == 25.0 and int(b["adapter.owner"]) == 0
     if model == "sdlora_kd":
         assert torch.equal(a["gate.fold"], b["gate.fold"]) and a["gate.pruning_mask"].tolist() == [1, 0, 0]
     assert main(["--resume", str(part_dir), "--epochs", "4"]) == 2  # may not change the experiment
