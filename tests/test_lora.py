@@ -194,3 +194,9 @@ def test_frozen_adapters_are_stored_once():
     x = torch.randn(3, D)
     layer.coeff = torch.tensor([0.5, 2.0])
     torch.testing.assert_close(layer(x), brute_force(layer, x, layer.coeff, [0, 2], None), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_strategy_cost_model():
+    from backbone.lora import prefer_stacked
+    assert prefer_stacked(1024, 768, 10) and not prefer_stacked(1024, 768, 100)  # CPU: stacked while 16 R < d
+    assert not prefer_stacked(1024, 768, 10, cuda=True)                          # CUDA: merged (H200 measurement)
