@@ -129,12 +129,17 @@ class Learner:
         """Task ``task`` keeps no adapter of its own: it leaves the forward pass for good; with ``reuse``
         the latest earlier active adapter trains again in its place (and is saved with this task)."""
         self.gate.prune([task])
-        earlier = [t for t in self.gate.active_tasks() if t < task]
-        if reuse and earlier:
-            self.trained_by[task] = earlier[-1]
-            self.net.backbone.reopen(earlier[-1])
+        latest = self.latest_adapter_before(task)
+        if reuse and latest is not None:
+            self.trained_by[task] = latest
+            self.net.backbone.reopen(latest)
         else:
             self.net.backbone.configure()
+
+    def latest_adapter_before(self, task: int) -> Optional[int]:
+        """The adapter a task without its own would reopen: the latest active one before it."""
+        earlier = [t for t in self.gate.active_tasks() if t < task]
+        return earlier[-1] if earlier else None
 
     def served(self, adapter: int) -> int:
         """How many tasks an adapter has trained on: its own and those that reopened it."""

@@ -84,10 +84,10 @@ class GumbelSDLoRA(Learner):
         """growth_cost, divided with ``cost_by_share`` by the number of tasks the adapter a skip would
         reopen already serves: sharing an adapter gets dearer, so a new one gets cheaper."""
         c = self.cfg
-        earlier = [t for t in self.gate.active_tasks() if t < task]
-        if not c.cost_by_share or not earlier:
+        latest = self.latest_adapter_before(task)
+        if not c.cost_by_share or latest is None:
             return c.growth_cost
-        return c.growth_cost / self.served(earlier[-1])
+        return c.growth_cost / self.served(latest)
 
     def _alpha_l2(self) -> torch.Tensor:
         alphas = [a for a in self.gate.alpha.values() if a.requires_grad]
@@ -154,8 +154,8 @@ class GumbelSDLoRA(Learner):
             self.fit(task, learn, self._groups(), e_w, f"Task {task} warm-up")
             self._probe_need(task, judge, batches=len(judge) if held else 2)
             gate.ungated, gate.noise = False, True
-        # phase 1 on held-out images: only the logits train (a head trained there would learn the very
-        # images that judge), as many steps as e1 epochs of the whole task
+        # phase 1, selection; with selection_holdout on the held-out images, where only the logits train
+        # (a head trained there would learn the very images that judge), for e1 epochs' worth of steps
         self.growth_cost = self.task_growth_cost(task)
         self.set_trainable(logits=True, alphas=False, adapter=False, head=not held)
         passes = e1 * math.ceil(len(loader) / len(judge)) if held else e1
@@ -166,7 +166,7 @@ class GumbelSDLoRA(Learner):
         skipped = task in self.decide(task)
         e2 = epochs - e_w - e1
         if c.retrain == "all" or (c.retrain == "skip" and skipped):
-            self.load_task_start_state(start)  # the trial is over: the chosen structure trains from scratch
+            self.load_task_start_state(task, start)  # the trial is over: the chosen structure trains from scratch
             e2 = epochs
         if skipped and c.skip_mode == "reuse":
             self.skip_adapter(task, reuse=True)  # phase 2 trains the latest kept adapter instead
@@ -191,8 +191,7 @@ class GumbelSDLoRA(Learner):
         return state
 
     @torch.no_grad()
-    def load_task_start_state(self, state: dict[str, torch.Tensor]) -> None:
-        task = self.gate.n_tasks - 1
+    def load_task_start_state(self, task: int, state: dict[str, torch.Tensor]) -> None:
         for n, p in self.net.head.named_parameters():
             p.copy_(state[f"head.{n}"])
         for k, a in self.gate.alpha.items():
