@@ -375,8 +375,7 @@ def _cross_checks(cfg: Config, raw: dict) -> list[str]:
         if cfg.growth_cost and cfg.gate_scope == "previous":
             errs.append('config key \'growth_cost\' prices the new adapter\'s gate value, but "gate_scope": '
                         '"previous" does not gate it; use "gate_scope": "all" or "new"')
-        if cfg.skip_mode == "reuse" and cfg.two_phase and cfg.retrain == "none" and \
-                math.ceil(cfg.warmup_fraction * cfg.epochs) + math.ceil(cfg.phase1_fraction * cfg.epochs) >= cfg.epochs:
+        if cfg.skip_mode == "reuse" and cfg.two_phase and cfg.retrain == "none" and e_w + e_1 >= cfg.epochs:
             errs.append('"skip_mode": "reuse" trains the reopened adapter in phase 2, but the warm-up and '
                         "phase 1 leave phase 2 no epoch; lower warmup_fraction or phase1_fraction, or set retrain")
         if cfg.cost_by_share and (cfg.skip_mode != "reuse" or not cfg.growth_cost):
