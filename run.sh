@@ -5,6 +5,9 @@
 #                                           npz and ViT-S/14, img 112, 10 tasks, 50 train / 20 test images per class,
 #                                           5 epochs, batch 32): every method and variant of the table
 #   bash run.sh baselines [--key value ...] SD-LoRA, seq_lora and lora_task_id on the first 5 tasks of that protocol
+#   bash run.sh subspace [--key value ...]  the SubLoRA grid on the first 5 tasks of that protocol: intrinsic_dim
+#                                           1000 and 2000 x allocation uniform / fixed 0.8, 0.5, 0.2 / learned,
+#                                           and SD-LoRA with full rank-10 LoRA beside it (seed 1993)
 #   bash run.sh scan [--key value ...]      the growth-rule scan on the offline protocol: gumbel_c100.json with
 #                                           other warm-up / selection lengths and growth costs
 # SEEDS (default "1993 1994") are the seeds of the SD-LoRA and chosen-rule rows (offline) and of every scan row;
@@ -104,6 +107,23 @@ if [ "${1:-}" = "scan" ]; then
       run "scan_holdout_h2_w${w}_c${c}_$seed" "${G[@]}" --selection_holdout 0.2 --warmup_fraction 0.$w \
           --growth_cost 0.$c --prefix "scan_holdout_h2_w${w}_c${c}" --seed $seed "$@"
     done; done
+  done
+  wait
+  summarize
+  exit 0
+fi
+
+if [ "${1:-}" = "subspace" ]; then  # SubLoRA (exps/sublora_c100.json) on the first 5 tasks of the protocol
+  shift
+  S=(--config=exps/sublora_c100.json "${P[@]}" --max_tasks 5 --seed 1993)
+  run sdlora_5tasks --config=exps/sdlora_c100.json "${P[@]}" --max_tasks 5 --seed 1993 --prefix sdlora_5tasks "$@"
+  for d in 1000 2000; do
+    run "sublora_d${d}_uniform" "${S[@]}" --intrinsic_dim $d --allocation_mode uniform --prefix "sublora_d${d}_uniform" "$@"
+    for r in 80 50 20; do   # allocation_ratio = d_B / d (0.8: the notes' "B-heavy")
+      run "sublora_d${d}_fixed$r" "${S[@]}" --intrinsic_dim $d --allocation_mode fixed --allocation_ratio 0.$r \
+          --prefix "sublora_d${d}_fixed$r" "$@"
+    done
+    run "sublora_d${d}_learned" "${S[@]}" --intrinsic_dim $d --allocation_mode learned --prefix "sublora_d${d}_learned" "$@"
   done
   wait
   summarize

@@ -135,6 +135,8 @@ class LoRAQKV(nn.Module):
         self.register_buffer("_row_owner", torch.zeros(0, dtype=torch.long, device=ref.device), persistent=False)
         self._ranks_old: list[int] = []
         self.coeff: Optional[torch.Tensor] = None  # (n_frozen [+ 1],) set by the model every forward
+        # the current adapter's (A, B) when they are computed elsewhere (SubLoRA: theta_0 + P z), set with coeff
+        self.current_override: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._merged: Optional[torch.Tensor] = None
 
     # ---- adapter bookkeeping ------------------------------------------------------------------
@@ -195,6 +197,13 @@ class LoRAQKV(nn.Module):
                 self.lora_A[k].data = self.lora_A[k].data.clone()
                 self.lora_B[k].data = self.lora_B[k].data.clone()
 
+    def current_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current adapter's (A, B): its own parameters, or the override computed for this step."""
+        if self.current_override is not None:
+            return self.current_override
+        k = str(self.current)
+        return self.lora_A[k], self.lora_B[k]
+
     @property
     def n_active(self) -> int:
         return len(self.frozen) + (self.current is not None)
@@ -221,10 +230,10 @@ class LoRAQKV(nn.Module):
         """All active adapters concatenated along the rank: A (P, R, d), B (P, d, R)."""
         if self.current is None:
             return self._A_old, self._B_old
-        k = str(self.current)
+        A, B = self.current_factors()
         if not self.frozen:
-            return self.lora_A[k], self.lora_B[k]
-        return torch.cat([self._A_old, self.lora_A[k]], 1), torch.cat([self._B_old, self.lora_B[k]], 2)
+            return A, B
+        return torch.cat([self._A_old, A], 1), torch.cat([self._B_old, B], 2)
 
     def delta_weight(self, coeff: torch.Tensor) -> torch.Tensor:
         """The adapters' weight change per slice, (P, d, d) = B diag(s) A.
@@ -238,8 +247,8 @@ class LoRAQKV(nn.Module):
         if self.frozen:
             delta = torch.bmm(self._B_old * s[:, None, :n_old], self._A_old)
         if self.current is not None:
-            k = str(self.current)
-            cur = torch.bmm(self.lora_B[k] * s[:, None, n_old:], self.lora_A[k])
+            A, B = self.current_factors()
+            cur = torch.bmm(B * s[:, None, n_old:], A)
             delta = cur if delta is None else delta + cur
         return delta
 
@@ -264,7 +273,7 @@ class LoRAQKV(nn.Module):
         d = self.dim
         tasks = self.frozen + ([self.current] if self.current is not None else [])
         for j, task in enumerate(tasks):
-            A, B = self.lora_A[str(task)], self.lora_B[str(task)]
+            A, B = self.current_factors() if task == self.current else (self.lora_A[str(task)], self.lora_B[str(task)])
             norm = adapter_norm(A, B, self.direction_norm) if task != self.current else None
             if norm is not None:
                 norm = torch.where(norm > 0, norm, torch.full_like(norm, float("inf")))  # zero adapter adds 0

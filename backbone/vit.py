@@ -10,6 +10,7 @@ from torch import nn
 
 from backbone.gate import AdapterGate
 from backbone.lora import LoRAQKV, adapter_norm
+from backbone.subspace import SubspaceAdapter, SubspaceSpec
 
 
 class BackboneError(ValueError):
@@ -58,6 +59,8 @@ class LoRAViT(nn.Module):
             blk.attn.qkv = LoRAQKV(blk.attn.qkv, targets, direction_norm, strategy)
             self.layers.append(blk.attn.qkv)
         self.gate = gate
+        self.subspace: Optional[SubspaceAdapter] = None  # the current adapter's z, when it trains in a subspace
+        self.subspace_stored: dict[int, dict[str, torch.Tensor]] = {}  # finished subspace tasks: z, seed, split
         self.last_beta: Optional[torch.Tensor] = None
         self._merged = False
 
@@ -65,11 +68,17 @@ class LoRAViT(nn.Module):
     def num_features(self) -> int:
         return self.vit.num_features
 
-    def add_task(self, task: int, rank: int, alpha_init: float) -> None:
-        """Add task ``task``'s adapter to every block and make it the current, trainable one."""
+    def add_task(self, task: int, rank: int, alpha_init: float, subspace: Optional[SubspaceSpec] = None) -> None:
+        """Add task ``task``'s adapter to every block and make it the current, trainable one; with
+        ``subspace``, its factors are theta_0 + P z and only z (and the split logits) train."""
         self.gate.add_task(task, alpha_init)
         for layer in self.layers:
             layer.add_adapter(task, rank)
+        if subspace is not None:
+            ref = self.layers[0].lora_A[str(task)]
+            shapes = [(layer.lora_A[str(task)].shape, layer.lora_B[str(task)].shape) for layer in self.layers]
+            self.subspace = SubspaceAdapter(shapes, subspace, ref.device, ref.dtype)
+            self.subspace.task = task
         self.configure()
 
     def configure(self) -> None:
@@ -78,12 +87,30 @@ class LoRAViT(nn.Module):
         cur = self.gate.current if self.gate._current_active() else None
         for layer in self.layers:
             layer.configure(frozen, cur)
+            layer.current_override = None
+            if self.subspace is not None and cur == self.subspace.task:  # z trains, not the factors
+                layer.lora_A[str(cur)].requires_grad_(False)
+                layer.lora_B[str(cur)].requires_grad_(False)
         self.unmerge()
 
     def freeze_current(self) -> None:
         """End of a task: the current adapter joins the frozen ones (norms computed once, here)."""
+        self.materialize_subspace()
         self.gate.current = None
         self.configure()
+
+    @torch.no_grad()
+    def materialize_subspace(self) -> None:
+        """A subspace adapter becomes plain factors (theta_0 + P z, written once); z, seed and split are kept
+        for the checkpoint, the projection is freed."""
+        sub = self.subspace
+        if sub is None:
+            return
+        for layer, (A, B) in zip(self.layers, sub.factors()):
+            layer.lora_A[str(sub.task)].data = A.clone()
+            layer.lora_B[str(sub.task)].data = B.clone()
+        self.subspace_stored[sub.task] = {k: v.clone() for k, v in sub.stored().items()}
+        self.subspace = None
 
     def reopen(self, task: int) -> None:
         """Make frozen adapter ``task`` the trainable one again (it serves the task now running).
@@ -105,6 +132,13 @@ class LoRAViT(nn.Module):
         self.last_beta = beta
         for i, layer in enumerate(self.layers):
             layer.coeff = w[i if w.shape[0] > 1 else 0] if w is not None else None
+        self._push_subspace()
+
+    def _push_subspace(self) -> None:
+        """The current subspace adapter's factors for this step, computed once for every block."""
+        if self.subspace is not None and self.gate.current == self.subspace.task:
+            for layer, factors in zip(self.layers, self.subspace.factors()):
+                layer.current_override = factors
 
     def merge(self) -> None:
         """Fold the adapters into per-block qkv weights for inference (deterministic gate)."""
@@ -112,6 +146,7 @@ class LoRAViT(nn.Module):
         self.gate.eval()
         with torch.no_grad():
             w, _ = self.gate.coefficients()
+            self._push_subspace()
             for i, layer in enumerate(self.layers):
                 layer.merge(w[i if w.shape[0] > 1 else 0] if w is not None else None)
         self.gate.train(was)
@@ -136,6 +171,10 @@ class LoRAViT(nn.Module):
         return self.vit(x)
 
     def adapter_param_count(self, tasks: Sequence[int]) -> int:
-        """Stored LoRA parameters of the given adapters, over every block and slice."""
-        return sum(layer.lora_A[str(t)].numel() + layer.lora_B[str(t)].numel()
-                   for layer in self.layers for t in tasks)
+        """Stored parameters of the given adapters: LoRA factors over every block and slice, or, for a
+        subspace adapter, its z and split logits."""
+        def count(t: int) -> int:
+            if t in self.subspace_stored:
+                return sum(v.numel() for k, v in self.subspace_stored[t].items() if k != "subspace.seed")
+            return sum(layer.lora_A[str(t)].numel() + layer.lora_B[str(t)].numel() for layer in self.layers)
+        return sum(count(t) for t in tasks)

@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from backbone.gate import AdapterGate
 from backbone.head import GrowingHead
+from backbone.subspace import SubspaceSpec
 from backbone.vit import LoRAViT, create_vit
-from utils.config import Config, check_device
+from utils.config import Config, ConfigError, check_device
 from utils.data_manager import DataManager
 from utils.io import CheckpointError, load_tensors, save_json, save_tensors
 from utils.metrics import summarize, topk_correct
@@ -94,6 +95,7 @@ class Learner:
             "accuracy_matrix", "A", "old_accuracy", "new_accuracy", "top5", "active_adapters",
             "adapter_params", "train_seconds", "eval_seconds")}
         self.trained_by: dict[int, int] = {}  # task -> the earlier adapter it reopened (skip_mode "reuse")
+        self._check_subspace()
         if cfg.compile:
             import torch._dynamo
             # the adapter set changes at every task boundary: allow those recompilations
@@ -122,8 +124,31 @@ class Learner:
         if self.uses_adapters:
             if self.cfg.alpha_reset_each_task:
                 self.gate.reset_alphas(self.alpha_init)
-            self.net.backbone.add_task(task, self.rank(task), self.alpha_init)
+            self.net.backbone.add_task(task, self.rank(task), self.alpha_init, self.subspace_spec(task))
             self.net.to(self.device)
+
+    def _check_subspace(self) -> None:
+        """An intrinsic_dim the backbone cannot take is refused now, before any task trains."""
+        c = self.cfg
+        if c.intrinsic_dim is None:
+            return
+        n_blocks = len(self.net.backbone.layers)
+        smallest = 2 * n_blocks * len(c.lora_targets) * self.net.backbone.num_features * min(
+            self.rank(t) for t in range(64))
+        if c.intrinsic_dim > smallest:
+            raise ConfigError(f"config key 'intrinsic_dim' = {c.intrinsic_dim} exceeds the {smallest:,} LoRA parameters "
+                              "of a task's adapter; lower it, or set it to null for plain LoRA")
+        if c.allocation_mode == "learned" and c.intrinsic_dim < n_blocks:
+            raise ConfigError(f"config key 'intrinsic_dim' = {c.intrinsic_dim}: \"allocation_mode\": \"learned\" splits "
+                              f"it over the {n_blocks} blocks; it must be >= {n_blocks}")
+
+    def subspace_spec(self, task: int) -> Optional[SubspaceSpec]:
+        """SubLoRA (``intrinsic_dim``): the subspace of task ``task``'s adapter; None: plain LoRA factors."""
+        c = self.cfg
+        if c.intrinsic_dim is None:
+            return None
+        return SubspaceSpec(c.intrinsic_dim, c.allocation_mode, c.allocation_ratio,
+                            seed=1_000_003 + task_seed(self.seed, task))
 
     def skip_adapter(self, task: int, reuse: bool) -> None:
         """Task ``task`` keeps no adapter of its own: it leaves the forward pass for good; with ``reuse``
@@ -305,6 +330,10 @@ class Learner:
         m["train_seconds"].append(train_s)
         m["eval_seconds"].append(eval_s)
         m.update(summarize(m["accuracy_matrix"], m["A"]))
+        split = self.net.backbone.subspace_stored.get(task, {}).get("subspace.split") if self.uses_adapters else None
+        if split is not None:  # SubLoRA learned allocation: gamma_l, the share of block l's z that feeds B
+            m.setdefault("subspace_gamma", []).append([round(float(g), 4) for g in torch.sigmoid(split)])
+            log.info(f"Subspace split of task {task}, gamma per block (share of z on B): {m['subspace_gamma'][-1]}")
         save_json(self.run_dir / "metrics.json", self.saved_metrics())
         grouped = dict(res["grouped"], total=round(res["total"], 2),
                        old=None if res["old"] is None else round(res["old"], 2), new=round(res["new"], 2))
@@ -343,9 +372,12 @@ class Learner:
         t = {"head.weight": self.net.head.weight, "head.bias": self.net.head.bias}
         if self.uses_adapters:
             owner = self.trained_by.get(task, task)  # a task that reopened an earlier adapter saves that one
-            for i, layer in enumerate(self.net.backbone.layers):
-                t[f"adapter.{i}.A"] = layer.lora_A[str(owner)]
-                t[f"adapter.{i}.B"] = layer.lora_B[str(owner)]
+            if owner in self.net.backbone.subspace_stored:  # SubLoRA: z, seed (and split) rebuild the factors
+                t.update(self.net.backbone.subspace_stored[owner])
+            else:
+                for i, layer in enumerate(self.net.backbone.layers):
+                    t[f"adapter.{i}.A"] = layer.lora_A[str(owner)]
+                    t[f"adapter.{i}.B"] = layer.lora_B[str(owner)]
             t["adapter.owner"] = torch.tensor(owner)
             t["gate.alpha"] = self.gate.alphas(list(range(self.gate.n_tasks)))
             t["gate.pruning_mask"] = self.gate.pruning_mask
@@ -378,10 +410,17 @@ class Learner:
                 owner = str(int(ck["adapter.owner"])) if "adapter.owner" in ck else str(task)
                 if owner != str(task):
                     self.trained_by[task] = int(owner)
-                with torch.no_grad():
-                    for i, layer in enumerate(self.net.backbone.layers):
-                        layer.lora_A[owner].copy_(ck[f"adapter.{i}.A"])
-                        layer.lora_B[owner].copy_(ck[f"adapter.{i}.B"])
+                sub = self.net.backbone.subspace
+                if ("subspace.z" in ck) != (sub is not None):
+                    raise KeyError("subspace.z: the checkpoint and the config disagree on intrinsic_dim")
+                if sub is not None:  # the factors are rebuilt from z and the seed, as training wrote them
+                    sub.load_stored(ck)
+                    self.net.backbone.materialize_subspace()
+                else:
+                    with torch.no_grad():
+                        for i, layer in enumerate(self.net.backbone.layers):
+                            layer.lora_A[owner].copy_(ck[f"adapter.{i}.A"])
+                            layer.lora_B[owner].copy_(ck[f"adapter.{i}.B"])
                 self.gate.current = None
         with torch.no_grad():
             self.net.head.weight.copy_(ck["head.weight"])

@@ -22,6 +22,7 @@ KD = ("sdlora_kd",)
 LORA_METHODS = ("sdlora", "sdlora_rr", "sdlora_kd", "gumbel_sdlora")
 PLAIN_LORA = ("seq_lora", "lora_task_id")  # the explainer's references: plain LoRA, no magnitudes
 ANY_LORA = LORA_METHODS + PLAIN_LORA
+SUBSPACE = ("sdlora", "sdlora_rr")  # methods whose adapters may train in a random subspace (SubLoRA)
 
 
 class ConfigError(ValueError):
@@ -151,6 +152,14 @@ class Config:
     alpha_init: Optional[float] = _key(None, "initial magnitude (default 0.8 SD-LoRA, 1.0 Gumbel)", LORA_METHODS,
                                      check=_positive)
     alpha_reset_each_task: bool = _key(True, "re-initialise every alpha at each new task", LORA_METHODS)
+    intrinsic_dim: Optional[int] = _key(
+        None, "SubLoRA: each task's LoRA factors are theta_0 + P z with z of this many numbers, all that trains "
+        "and is stored (null: plain LoRA)", SUBSPACE, check=_positive)
+    allocation_mode: Literal["uniform", "fixed", "learned"] = _key(
+        "uniform", "SubLoRA: how z feeds A and B: one projection for both, a fixed split (allocation_ratio), or a "
+        "split learned per block", SUBSPACE)
+    allocation_ratio: float = _key(0.5, "SubLoRA fixed allocation: d_B / intrinsic_dim", SUBSPACE,
+                                   check=lambda v: None if 0 < v < 1 else "must be in (0, 1)")
     adapter_strategy: Literal["auto", "stacked", "merged", "loop"] = _key(
         "auto", "how the adapter sum is computed in training (auto: cost model per shape)", ANY_LORA)
 
@@ -355,6 +364,7 @@ def _cross_checks(cfg: Config, raw: dict) -> list[str]:
     if cfg.model_name in ("sdlora", "sdlora_rr") and cfg.skip_mode != "none" and cfg.growth_schedule is None:
         errs.append("config key 'skip_mode' applies to the tasks a 'growth_schedule' leaves without an adapter; "
                     "set growth_schedule or remove skip_mode")
+    errs += _subspace_checks(cfg, raw)
     if cfg.model_name == "gumbel_sdlora":
         if cfg.gumbel_tau_final > cfg.gumbel_tau_init:
             errs.append("config key 'gumbel_tau_final' must be <= 'gumbel_tau_init'")
@@ -398,6 +408,26 @@ def _cross_checks(cfg: Config, raw: dict) -> list[str]:
                         'is not gated); use "prune_scope": "all" or "gate_scope": "all"')
         if raw.get("growth_threshold", d.growth_threshold) != d.growth_threshold and cfg.prune_rule != "threshold":
             errs.append("config key 'growth_threshold' only applies to \"prune_rule\": \"threshold\"")
+    return errs
+
+
+def _subspace_checks(cfg: Config, raw: dict) -> list[str]:
+    """SubLoRA keys: the allocation keys need intrinsic_dim, and a subspace adapter is never reopened."""
+    d, errs = DEFAULTS, []
+    if cfg.intrinsic_dim is None:
+        for key in ("allocation_mode", "allocation_ratio"):
+            if raw.get(key, getattr(d, key)) != getattr(d, key):
+                errs.append(f"config key '{key}' shapes the SubLoRA subspace: set 'intrinsic_dim' or remove it")
+        return errs
+    if raw.get("allocation_ratio", d.allocation_ratio) != d.allocation_ratio and cfg.allocation_mode != "fixed":
+        errs.append('config key \'allocation_ratio\' only applies to "allocation_mode": "fixed"')
+    d_b = int(round(cfg.allocation_ratio * cfg.intrinsic_dim))
+    if cfg.allocation_mode == "fixed" and not 1 <= d_b <= cfg.intrinsic_dim - 1:
+        errs.append(f"allocation_ratio {cfg.allocation_ratio} of intrinsic_dim {cfg.intrinsic_dim} leaves A or B "
+                    "no coordinate; pick a ratio nearer 0.5 or a larger intrinsic_dim")
+    if cfg.skip_mode == "reuse":
+        errs.append('config key \'intrinsic_dim\' with "skip_mode": "reuse": a reopened adapter has no '
+                    "subspace of its own; use skip_mode none or plain LoRA")
     return errs
 
 

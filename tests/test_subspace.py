@@ -1,0 +1,179 @@
+"""SubLoRA: the sparse projection's statistics, the allocation modes, what trains, what is stored, restore."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from backbone.subspace import NNZ, SparseProjection, SubspaceAdapter, SubspaceSpec
+from main import make_data_manager
+from models.sdlora import SDLoRA
+from utils.config import ConfigError, build_config
+from utils.datasets import load_dataset
+from utils.io import load_tensors
+
+
+def projection(n: int, d: int, seed: int = 0) -> SparseProjection:
+    return SparseProjection(torch.zeros(n, dtype=torch.long), torch.full((n,), d), torch.Generator().manual_seed(seed))
+
+
+def test_sparse_projection_equals_its_dense_matrix_forward_and_backward():
+    P = projection(300, 40)
+    P.value = P.value.double()
+    D = P.dense(40)
+    assert (D != 0).sum(1).le(NNZ).all() and P.index.numel() == 300 * NNZ  # O(n nnz) storage, never n x d
+    z = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(300, dtype=torch.float64)
+    out = P(z)
+    torch.testing.assert_close(out, D @ z.detach(), rtol=1e-12, atol=1e-12)
+    out.backward(g)
+    torch.testing.assert_close(z.grad, D.t() @ g, rtol=1e-12, atol=1e-12)  # autograd gives P^T g
+
+
+@pytest.mark.parametrize("d", [100, 2000])
+def test_projection_scale_does_not_depend_on_d(d):
+    """Unit rows: theta_i has the variance of z's entries, and P^T keeps a vector's norm, at any d."""
+    n = 60_000
+    P = projection(n, d, seed=d)
+    D_norm2 = P.value.pow(2).sum(1)  # sum of squares of the nnz values (duplicates aside)
+    assert torch.allclose(D_norm2, torch.ones(n))
+    z = torch.randn(d, 200, generator=torch.Generator().manual_seed(1))
+    theta = torch.stack([P(z[:, j]) for j in range(z.shape[1])], 1)
+    assert abs(theta.var().item() - 1.0) < 0.03 and abs(theta.mean().item()) < 0.02
+    gen, ratios = torch.Generator().manual_seed(2), []
+    for _ in range(32):  # E ||P^T g||^2 = ||g||^2; one sample at d = 100 has a 14% spread (chi-square, 100 dof)
+        g = torch.randn(n, generator=gen)
+        zz = torch.zeros(d, requires_grad=True)
+        P(zz).backward(g)
+        ratios.append(zz.grad.norm().pow(2).item() / g.norm().pow(2).item())
+    assert abs(sum(ratios) / len(ratios) - 1.0) < 0.05
+    counts = torch.bincount(P.index.flatten(), minlength=d).double()  # every column used alike
+    expected = n * NNZ / d
+    assert abs(counts.mean().item() - expected) < 1e-9 and counts.std().item() < 1.5 * math.sqrt(expected)
+    signs = P.value.sign()
+    assert abs(signs.mean().item()) < 0.01
+
+
+SHAPES = [(torch.Size([2, 4, 48]), torch.Size([2, 48, 4]))] * 3  # 3 blocks, q and v, rank 4, width 48
+
+
+def test_fixed_allocation_feeds_a_and_b_from_separate_coordinates():
+    sub = SubspaceAdapter(SHAPES, SubspaceSpec(100, "fixed", ratio=0.8, seed=3), torch.device("cpu"), torch.float32)
+    d_b = sub.b_dims()
+    assert d_b == 80
+    assert sub.proj_A.index.max() < 100 - d_b and sub.proj_B.index.min() >= 100 - d_b
+    with torch.no_grad():
+        sub.z[:100 - d_b] = 1.0  # only A's coordinates move: B stays at its zero initialisation
+    (A, B), *_ = sub.factors()
+    assert torch.count_nonzero(B) == 0 and not torch.equal(A, sub.factors()[0][0] * 0)
+
+
+def test_uniform_allocation_reads_all_of_z_for_a_and_b():
+    sub = SubspaceAdapter(SHAPES, SubspaceSpec(64, "uniform", seed=3), torch.device("cpu"), torch.float32)
+    for proj in (sub.proj_A, sub.proj_B):
+        assert proj.index.min() == 0 and proj.index.max() == 63
+
+
+def test_learned_soft_mask_splits_each_block_at_gamma():
+    sub = SubspaceAdapter(SHAPES, SubspaceSpec(100, "learned", seed=3), torch.device("cpu"), torch.float32)
+    sizes = [34, 33, 33]
+    gammas = torch.tensor([0.3, 0.5, 0.9])
+    with torch.no_grad():
+        sub.split.copy_(torch.log(gammas / (1 - gammas)))
+    m = sub.mask().detach()
+    start = 0
+    for size, g in zip(sizes, gammas.tolist()):
+        j = torch.arange(size, dtype=torch.float32)
+        ref = torch.sigmoid(10 * (g * size - j))  # m_j = sigmoid(C (gamma_l d_l - j))
+        torch.testing.assert_close(m[start:start + size], ref)
+        cut = g * size
+        block = m[start:start + size]
+        assert (block[j < cut - 0.5] > 0.99).all() and (block[j > cut + 0.5] < 0.01).all()
+        start += size
+    # block l's factors read only block l's coordinates
+    starts = [0, 34, 67]
+    rows_a, rows_b = SHAPES[0][0].numel(), SHAPES[0][1].numel()
+    for l, (s, size) in enumerate(zip(starts, sizes)):
+        ia = sub.proj_A.index[l * rows_a:(l + 1) * rows_a]
+        ib = sub.proj_B.index[l * rows_b:(l + 1) * rows_b]
+        assert ia.min() >= s and ia.max() < s + size and ib.min() >= s and ib.max() < s + size
+    assert sub.n_stored() == 100 + 3
+
+
+def tiny_learner(tiny, tmp_path, **over):
+    cfg = build_config(dict(tiny, **{"intrinsic_dim": 64, **over}))
+    return SDLoRA(cfg, torch.device("cpu"), Path(tmp_path), seed=7), make_data_manager(cfg, load_dataset(cfg), 7)
+
+
+@pytest.mark.parametrize("mode", ["uniform", "fixed", "learned"])
+def test_only_z_and_split_train_among_adapter_tensors(tiny, tmp_path, mode):
+    learner, dm = tiny_learner(tiny, tmp_path, allocation_mode=mode)
+    learner.begin_task(0, 2)
+    sub = learner.net.backbone.subspace
+    with torch.no_grad():
+        sub.z.normal_()  # at z = 0 the split logits have no gradient yet (z m = 0 whatever m)
+    x = torch.randn(4, 3, 32, 32)
+    learner.net.train()
+    learner.net(x).sum().backward()
+    trained = {n for n, p in learner.net.named_parameters() if p.grad is not None}
+    expect = {"backbone.subspace.z", "backbone.gate.alpha.0", "head.weight", "head.bias"}
+    if mode == "learned":
+        expect.add("backbone.subspace.split")
+        assert sub.split.grad.abs().sum() > 0
+    assert trained == expect and sub.z.grad.abs().sum() > 0
+
+
+def test_subspace_run_stores_z_and_restores_bit_for_bit(tiny, tmp_path):
+    learner, dm = tiny_learner(tiny, tmp_path / "a", allocation_mode="learned", max_tasks=2, epochs=2)
+    metrics = learner.run(dm)
+    assert metrics["adapter_params"] == [64 + 2, 2 * (64 + 2)]  # d + L per task, not the factors
+    assert len(metrics["subspace_gamma"]) == 2 and len(metrics["subspace_gamma"][0]) == 2
+    ck = load_tensors(Path(learner.run_dir) / "task_1.safetensors")
+    assert not any(k.startswith("adapter.0.") for k in ck) and ck["subspace.z"].shape == (64,)
+    assert sorted(k for k in ck if k.startswith("subspace.")) == ["subspace.seed", "subspace.split", "subspace.z"]
+
+    again, _ = tiny_learner(tiny, learner.run_dir, allocation_mode="learned", max_tasks=2, epochs=2)
+    again.restore(dm, 1)
+    for a, b in zip(learner.net.backbone.layers, again.net.backbone.layers):
+        for t in ("0", "1"):
+            assert torch.equal(a.lora_A[t], b.lora_A[t]) and torch.equal(a.lora_B[t], b.lora_B[t])
+    x = torch.randn(3, 3, 32, 32)
+    learner.net.eval(), again.net.eval()
+    with torch.no_grad():
+        assert torch.equal(learner.net(x), again.net(x))
+
+
+def test_subspace_forward_merged_equals_unmerged(tiny, tmp_path):
+    learner, dm = tiny_learner(tiny, tmp_path, allocation_mode="fixed", allocation_ratio=0.25)
+    learner.begin_task(0, 2)
+    with torch.no_grad():
+        learner.net.backbone.subspace.z.normal_(std=0.3)
+    x = torch.randn(3, 3, 32, 32)
+    learner.net.train()
+    with torch.no_grad():
+        train_out = learner.net(x)
+    learner.net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(learner.net(x), train_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("over, fragment", [
+    (dict(allocation_mode="fixed"), "set 'intrinsic_dim'"),
+    (dict(intrinsic_dim=100, allocation_ratio=0.3), 'only applies to "allocation_mode": "fixed"'),
+    (dict(intrinsic_dim=10, allocation_mode="fixed", allocation_ratio=0.01), "leaves A or B no coordinate"),
+    (dict(intrinsic_dim=100, growth_schedule=[0, 2], skip_mode="reuse"), "a reopened adapter has no subspace"),
+    (dict(intrinsic_dim=100, model_name="gumbel_sdlora"), "is not used by model_name 'gumbel_sdlora'"),
+    (dict(intrinsic_dim=0), "must be > 0"),
+])
+def test_subspace_config_rejections(tiny, over, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        build_config(dict(tiny, **over))
+
+
+@pytest.mark.parametrize("over, fragment", [
+    (dict(intrinsic_dim=10 ** 6), "exceeds the 1,536 LoRA parameters"),  # 2 blocks x q, v x (A + B) x 4 x 48
+    (dict(intrinsic_dim=1, allocation_mode="learned"), "must be >= 2"),
+])
+def test_intrinsic_dim_the_backbone_cannot_take_is_refused_up_front(tiny, tmp_path, over, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        tiny_learner(tiny, tmp_path, **over)
