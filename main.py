@@ -19,6 +19,7 @@ import torch
 from backbone.vit import BackboneError
 from models import get_learner
 from models.base import NonFiniteLoss
+from utils import dist
 from utils.config import (Config, ConfigError, build_config, check_device, describe_keys, load_config,
                           parse_overrides)
 from utils.data_manager import DataManager
@@ -46,7 +47,18 @@ RESUME_KEYS = {"max_tasks", "num_workers", "progress", "device"}
 
 
 def resolve_device(spec) -> torch.device:
-    """'auto', 'cpu', 'cuda', 'cuda:N', or the field's ["0"]; a missing GPU is an error, not a fallback."""
+    """'auto', 'cpu', 'cuda', 'cuda:N', or the field's ["0"]; a missing GPU is an error, not a fallback.
+    Under torchrun each process takes the GPU of its LOCAL_RANK ('auto' or 'cuda')."""
+    if dist.launched():
+        if spec not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"config key 'device' = {spec!r} under torchrun: use \"auto\", \"cuda\" (each process "
+                              "takes the GPU of its LOCAL_RANK) or \"cpu\"")
+        if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            raise ConfigError("config key 'device' = 'cuda' but no CUDA GPU is visible; use \"cpu\" or \"auto\"")
+        torch.cuda.set_device(dist.local_rank())
+        return torch.device("cuda", dist.local_rank())
     if isinstance(spec, list):
         if len(spec) != 1:
             raise ConfigError(f"config key 'device' = {spec}: one device per run; multi-GPU is not supported")
@@ -75,12 +87,28 @@ def check_writable(log_dir: str) -> None:
                           "choose another folder") from None
 
 
+def check_distributed(cfg: Config) -> None:
+    """What torchrun needs: the same images on every rank as in one process, and a divisible batch."""
+    n = dist.world()
+    if n == 1:
+        return
+    if not cfg.seed_per_sample:
+        raise ConfigError("torchrun runs need \"seed_per_sample\": true (each image's order and augmentation drawn "
+                          "from its own seed, the same whichever process loads it); add --seed_per_sample true")
+    if cfg.batch_size % n:
+        raise ConfigError(f"config key 'batch_size' = {cfg.batch_size} is the global batch; it must divide by the "
+                          f"{n} torchrun processes")
+
+
 def setup_logging(run_dir: Path) -> None:
+    """INFO to stdout and run_dir/train.log; under torchrun, ranks other than 0 only print warnings."""
     logger = logging.getLogger("cl")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if dist.is_main() else logging.WARNING)
     logger.handlers.clear()
     fmt = logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
-    for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")):
+    handlers = [logging.StreamHandler(sys.stdout)] + ([logging.FileHandler(run_dir / "train.log")] if dist.is_main()
+                                                      else [])
+    for h in handlers:
         h.setFormatter(fmt)
         logger.addHandler(h)
     logger.propagate = False
@@ -124,7 +152,7 @@ def resume(run_dir: Path, overrides: dict) -> Path:
     setup_logging(run_dir)
     log = logging.getLogger("cl")
     CURRENT_RUN[:] = [run_dir]
-    for stale in run_dir.glob(".*.tmp"):  # an atomic write cut off by SIGKILL: never a real file
+    for stale in run_dir.glob(".*.tmp") if dist.is_main() else []:  # an atomic write cut off by SIGKILL
         stale.unlink()
         log.info(f"removed {stale.name}, a temporary file left by the interrupted run")
     seed = cfg.seeds[0]
@@ -133,7 +161,10 @@ def resume(run_dir: Path, overrides: dict) -> Path:
     if done + 1 >= dm.n_tasks:
         log.info(f"{run_dir}: all {dm.n_tasks} tasks are already done")
         return run_dir
-    learner = get_learner(cfg.model_name)(cfg, resolve_device(cfg.device), run_dir, seed)
+    device = resolve_device(cfg.device)
+    dist.init(device.type)
+    check_distributed(cfg)
+    learner = get_learner(cfg.model_name)(cfg, device, run_dir, seed)
     if done >= 0:
         learner.restore(dm, done)
         learner.load_metrics(metrics)
@@ -149,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        dist.shutdown()
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -183,6 +215,8 @@ def _main(argv: list[str] | None = None) -> int:
             parser.error("--config is required (for example --config=exps/demo.json)")
         cfg = load_config(args.config, overrides)
         device = resolve_device(cfg.device)
+        dist.init(device.type)
+        check_distributed(cfg)
         check_device(cfg, device.type)  # before any work: no run folder yet
         check_writable(cfg.log_dir)
         data = load_dataset(cfg)

@@ -27,7 +27,8 @@ from backbone.head import GrowingHead
 from backbone.subspace import SubspaceSpec
 from backbone.vit import LoRAViT, create_vit
 from utils.config import Config, ConfigError, check_device
-from utils.data_manager import DataManager
+from utils import dist
+from utils.data_manager import DataManager, EpochSampler, TaskDataset
 from utils.io import CheckpointError, load_tensors, save_json, save_tensors
 from utils.metrics import summarize, topk_correct
 from utils.optim import build_optimizer, build_scheduler
@@ -208,8 +209,15 @@ class Learner:
                     milestones=pick(c.init_milestones, c.milestones), decay=pick(c.init_lr_decay, c.lrate_decay))
 
     def param_groups(self) -> list[dict]:
-        """One group of every tensor that requires grad (adapter, alphas, head...)."""
-        return [{"params": [p for p in self.net.parameters() if p.requires_grad]}]
+        """One group of every tensor that requires grad (adapter, alphas, head...); a subspace adapter's
+        z and split logits in a group of their own when ``subspace_lr`` is set."""
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        sub = self.net.backbone.subspace if self.uses_adapters else None
+        if sub is None or self.cfg.subspace_lr is None:
+            return [{"params": params}]
+        own = {id(p) for p in sub.parameters()}
+        return [{"params": [p for p in params if id(p) not in own]},
+                {"params": [p for p in params if id(p) in own], "lr": self.cfg.subspace_lr}]
 
     def task_loss(self, logits: torch.Tensor, y: torch.Tensor, task: int, lo: int) -> torch.Tensor:
         """Cross-entropy; on tasks > 0 over the current task's logits only (``mask_old_logits``)."""
@@ -223,12 +231,22 @@ class Learner:
         return nullcontext()
 
     def loader(self, dataset, train: bool, task: int) -> DataLoader:
-        g = torch.Generator().manual_seed(task_seed(self.seed, task))
+        """Training: shuffled, ``batch_size`` images per step over all processes. With ``seed_per_sample``
+        (always under torchrun) the order comes from ``EpochSampler`` and each image's augmentation from
+        its own seed, so the images do not depend on workers or processes. Evaluation: in order."""
+        seed = task_seed(self.seed, task)
+        g = torch.Generator().manual_seed(seed)
         workers = self.cfg.workers
-        bs = self.cfg.batch_size if train else (self.cfg.eval_batch_size or 2 * self.cfg.batch_size)
-        return DataLoader(dataset, batch_size=bs, shuffle=train, drop_last=False, num_workers=workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-                          worker_init_fn=_seed_worker, generator=g,
+        bs = self.cfg.batch_size // dist.world() if train else (self.cfg.eval_batch_size or 2 * self.cfg.batch_size)
+        sampler = None
+        if train and self.cfg.seed_per_sample:
+            if not isinstance(dataset, TaskDataset):
+                raise TypeError("seed_per_sample needs a TaskDataset (use TaskDataset.subset, not torch Subset)")
+            dataset.augment_seed = seed
+            sampler = EpochSampler(dataset, num_replicas=dist.world(), rank=dist.rank(), shuffle=True, seed=seed)
+        return DataLoader(dataset, batch_size=bs, shuffle=train and sampler is None, sampler=sampler,
+                          drop_last=False, num_workers=workers, pin_memory=self.device.type == "cuda",
+                          persistent_workers=workers > 0, worker_init_fn=_seed_worker, generator=g,
                           prefetch_factor=4 if workers > 0 else None)
 
     def fit(self, task: int, loader: DataLoader, groups: list[dict], epochs: int, desc: str,
@@ -243,8 +261,11 @@ class Learner:
         sched = build_scheduler(self.cfg.scheduler, opt, epochs, s["milestones"], s["decay"], self.cfg.min_lr)
         lo = self.net.head.out_features - self._n_new
         seen_lo = lo if task > 0 and self.cfg.mask_old_logits else 0  # train accuracy over the logits the loss sees
+        model = dist.wrap(self.net, self.device)  # DistributedDataParallel under torchrun
         for epoch in range(epochs):
             self.net.train()
+            if isinstance(getattr(loader, "sampler", None), EpochSampler):
+                loader.sampler.set_epoch(epoch)
             loss_sum = torch.zeros((), device=self.device)
             correct = torch.zeros((), device=self.device, dtype=torch.long)
             seen = 0
@@ -256,7 +277,7 @@ class Learner:
                 if on_step is not None:
                     on_step()
                 with self._autocast():
-                    logits = self.net(x)
+                    logits = model(x)
                     loss = self.task_loss(logits.float(), y, task, lo)
                     if extra_loss is not None:
                         loss = loss + extra_loss()
@@ -267,6 +288,10 @@ class Learner:
                 correct += (logits.detach()[:, seen_lo:].argmax(1) + seen_lo == y).sum()
                 seen += len(y)
             sched.step()
+            # over every process: each sees the same figures, so a NaN stops all of them together
+            stats = dist.all_sum(torch.stack([loss_sum.double(), correct.double(),
+                                              torch.tensor(float(seen), device=self.device, dtype=torch.float64)]))
+            loss_sum, correct, seen = stats[0], stats[1], int(stats[2])
             mean_loss = float(loss_sum) / max(seen, 1)
             if not math.isfinite(mean_loss):
                 raise NonFiniteLoss(
@@ -279,7 +304,10 @@ class Learner:
     def evaluate(self, dm: DataManager, task: int) -> dict:
         """Top-1 per task, overall, old/new and top-5 on every seen class's test images."""
         self.net.eval()
-        loader = self.loader(dm.test_set(task, self.test_tf), train=False, task=task)
+        test = dm.test_set(task, self.test_tf)
+        if dist.world() > 1:  # each process evaluates every world-th image; the predictions are gathered
+            test = test.subset(range(dist.rank(), len(test), dist.world()))
+        loader = self.loader(test, train=False, task=task)
         preds, labels, top5 = [], [], 0
         for x, y in tqdm(loader, desc=f"Eval task {task}", leave=False, disable=self.cfg.progress_disabled):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -288,8 +316,10 @@ class Learner:
             preds.append(logits.argmax(1))
             labels.append(y)
             top5 += topk_correct(logits, y, 5)
-        pred = torch.cat(preds).cpu().numpy()
-        y = torch.cat(labels).cpu().numpy()
+        parts = dist.gather((torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy(), top5))
+        pred = np.concatenate([p for p, _, _ in parts])
+        y = np.concatenate([t for _, t, _ in parts])
+        top5 = sum(k for _, _, k in parts)
         hit = pred == y
         tasks_of = dm.task_of_label(y)
         per_task = [100.0 * float(hit[tasks_of == j].mean()) for j in range(task + 1)]

@@ -26,11 +26,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
 
 from backbone.gate import GumbelGate
 from models import register
 from models.base import Learner, log, task_seed
+from utils import dist
 from utils.gumbel_utils import gumbel_sparsemax, phase_temperature, sparsity_loss, temperature
 from utils.io import load_tensors, save_torch
 
@@ -211,8 +211,8 @@ class GumbelSDLoRA(Learner):
             k = max(1, round(self.cfg.selection_holdout * len(idx)))
             judge += idx[:k].tolist()
             learn += idx[k:].tolist()
-        return (self.loader(Subset(ds, sorted(learn)), train=True, task=task),
-                self.loader(Subset(ds, sorted(judge)), train=True, task=task))
+        return (self.loader(ds.subset(sorted(learn)), train=True, task=task),
+                self.loader(ds.subset(sorted(judge)), train=True, task=task))
 
     @torch.no_grad()
     def _probe_need(self, task: int, loader, batches: int = 2) -> None:
@@ -270,7 +270,7 @@ class GumbelSDLoRA(Learner):
                 drop &= idx == task
             if c.gate_scope != "new":  # the top adapter always stays (with 'new' the old ones do)
                 drop[score.argmax()] = False
-            pruned = [t for t, d in zip(gated, drop.tolist()) if d]
+            pruned = dist.broadcast([t for t, d in zip(gated, drop.tolist()) if d])  # taken once, by rank 0
             gate.prune(pruned)
             if c.gate_scope == "new":
                 # binary decision: the losing option leaves the projection, as a pruned adapter does, so
@@ -337,6 +337,7 @@ class GumbelSDLoRA(Learner):
         crash during that task's successor may have left a later decision in it."""
         ck = load_tensors(self.run_dir / f"task_{done}.safetensors")
         save_torch(self.run_dir / "pruning_mask.pt", ck["gate.pruning_mask"].clone())
+        dist.barrier()  # under torchrun, no rank reads the mask file before rank 0 has rewritten it
         super().restore(dm, done)
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:

@@ -160,6 +160,9 @@ class Config:
         "split learned per block", SUBSPACE)
     allocation_ratio: float = _key(0.5, "SubLoRA fixed allocation: d_B / intrinsic_dim", SUBSPACE,
                                    check=lambda v: None if 0 < v < 1 else "must be in (0, 1)")
+    subspace_lr: Optional[float] = _key(
+        None, "SubLoRA: learning rate of z and the split logits (default: lrate); P is an isometry, so an SGD "
+        "step moves the factors by lr times the gradient's projection onto the subspace", SUBSPACE, check=_positive)
     adapter_strategy: Literal["auto", "stacked", "merged", "loop"] = _key(
         "auto", "how the adapter sum is computed in training (auto: cost model per shape)", ANY_LORA)
 
@@ -181,6 +184,9 @@ class Config:
     init_lr_decay: Optional[float] = _key(None, "task 0 decay (default: lrate_decay)", check=_non_negative)
     init_weight_decay: Optional[float] = _key(None, "task 0 weight decay (default: weight_decay)",
                                               check=_non_negative)
+    seed_per_sample: bool = _key(
+        False, "training order and each image's augmentation drawn from (seed, task, epoch, image): the same "
+        "images whatever num_workers or the number of torchrun processes (required under torchrun)")
     mask_old_logits: bool = _key(True, "tasks > 0: cross-entropy over the current task's logits only")
     amp: bool = _key(False, "bf16 autocast (CUDA only)")
     compile: bool = _key(False, "torch.compile the backbone (CUDA only)")
@@ -415,7 +421,7 @@ def _subspace_checks(cfg: Config, raw: dict) -> list[str]:
     """SubLoRA keys: the allocation keys need intrinsic_dim, and a subspace adapter is never reopened."""
     d, errs = DEFAULTS, []
     if cfg.intrinsic_dim is None:
-        for key in ("allocation_mode", "allocation_ratio"):
+        for key in ("allocation_mode", "allocation_ratio", "subspace_lr"):
             if raw.get(key, getattr(d, key)) != getattr(d, key):
                 errs.append(f"config key '{key}' shapes the SubLoRA subspace: set 'intrinsic_dim' or remove it")
         return errs

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 from utils.datasets import DataError, SplitData
 
@@ -52,19 +52,55 @@ def _load_image(path: str) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-class TaskDataset(Dataset):
-    """Images and remapped labels of some classes, with a transform applied per item."""
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The random stream of one image in one epoch (``seed_per_sample``)."""
+    return (seed * 1_000_003 + epoch * 7_919 + index * 104_729) % 2**63
 
-    def __init__(self, images, labels: np.ndarray, transform: Callable):
+
+class TaskDataset(Dataset):
+    """Images and remapped labels of some classes, with a transform applied per item.
+
+    With ``augment_seed`` set, item keys are ``epoch * len + index`` (as ``EpochSampler`` yields them)
+    and the transform of each image draws from its own stream, ``sample_seed(augment_seed, epoch, index)``:
+    the images do not depend on the loader's workers or on which process loads them.
+    """
+
+    def __init__(self, images, labels: np.ndarray, transform: Callable, augment_seed: Optional[int] = None):
         self.images, self.labels, self.transform = images, labels, transform
+        self.augment_seed = augment_seed
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int):
+        epoch, i = divmod(int(key), len(self.labels))
         x = self.images[i]
         img = _load_image(x) if isinstance(x, str) else torch.from_numpy(x).permute(2, 0, 1)
-        return self.transform(img), int(self.labels[i])
+        if self.augment_seed is None:
+            return self.transform(img), int(self.labels[i])
+        with torch.random.fork_rng(devices=[]):  # the global stream (Gumbel noise, ...) is left as it was
+            torch.manual_seed(sample_seed(self.augment_seed, epoch, i))
+            return self.transform(img), int(self.labels[i])
+
+    def subset(self, idx) -> "TaskDataset":
+        """The items at ``idx``, as a dataset of their own (same transform and seed); ``indices`` says where
+        they came from, as in torch's Subset."""
+        idx = np.asarray(idx, dtype=np.int64)
+        images = self.images[idx] if isinstance(self.images, np.ndarray) else [self.images[i] for i in idx]
+        sub = TaskDataset(images, self.labels[idx], self.transform, self.augment_seed)
+        sub.indices = idx.tolist()
+        return sub
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler (one shard per rank, permutation from seed + epoch) that yields epoch-tagged keys
+    ``epoch * len + index`` for a ``TaskDataset`` with ``augment_seed``. With one process it is the whole
+    permutation; with N, rank r gets its items r, r + N, ... so that every global batch holds the same
+    images as the single-process batch (per-rank batch = batch_size / N)."""
+
+    def __iter__(self):
+        n = len(self.dataset)
+        return (self.epoch * n + i for i in super().__iter__())
 
 
 class DataManager:

@@ -11,9 +11,14 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from utils import dist
+
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename it."""
+    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename it.
+    Under torchrun only rank 0 writes: every file of a run is written once."""
+    if not dist.is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -61,11 +66,14 @@ def save_torch(path: Path, obj: Any) -> None:
 
 
 def new_run_dir(log_dir: str, name: str) -> Path:
-    """A fresh folder log_dir/<name>_<timestamp>[_n] for one run; never reuses an existing one."""
+    """A fresh folder log_dir/<name>_<timestamp>[_n] for one run; never reuses an existing one.
+    Under torchrun rank 0 makes it and every rank gets its path."""
+    if not dist.is_main():
+        return Path(dist.broadcast(None))
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(log_dir) / f"{name}_{stamp}"
     run, n = base, 1
     while run.exists():
         run, n = Path(f"{base}_{n}"), n + 1
     run.mkdir(parents=True)
-    return run
+    return Path(dist.broadcast(str(run)))

@@ -1,0 +1,90 @@
+"""torchrun support: one process per device, gradients averaged by DistributedDataParallel.
+
+Outside torchrun (no WORLD_SIZE in the environment) every helper is a no-op for one process, so the
+single-process path has no distributed code in it. Rank 0 alone writes files and logs.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device_type: str) -> None:
+    """Join the process group torchrun describes: nccl on GPUs, gloo on CPU."""
+    if launched() and not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's value of a picklable object, on every rank (decisions taken once, shared)."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj: Any) -> list:
+    """Every rank's object, in rank order, on every rank."""
+    if world() == 1:
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of a tensor (in place, returned)."""
+    if world() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def wrap(module: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel over the trainable tensors of ``module`` (the module itself for one process).
+
+    Built anew for each training phase, since what trains changes between phases and tasks.
+    ``find_unused_parameters``: a phase may leave some trainable tensors out of a step (a pruned
+    adapter's magnitude); buffers are not broadcast, every rank derives them from the same parameters.
+    """
+    if world() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False)
