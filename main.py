@@ -147,6 +147,9 @@ def resume(run_dir: Path, overrides: dict) -> Path:
     raw = json.loads(cfg_path.read_text())
     raw.update(overrides)
     cfg = build_config(raw)
+    device = resolve_device(cfg.device)
+    dist.init(device.type)  # before anything below asks which rank it is
+    check_distributed(cfg)
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {"A": []}
     done = len(metrics.get("A", metrics.get("til_A", []))) - 1  # til_A: a task-incremental run
     setup_logging(run_dir)
@@ -161,9 +164,6 @@ def resume(run_dir: Path, overrides: dict) -> Path:
     if done + 1 >= dm.n_tasks:
         log.info(f"{run_dir}: all {dm.n_tasks} tasks are already done")
         return run_dir
-    device = resolve_device(cfg.device)
-    dist.init(device.type)
-    check_distributed(cfg)
     learner = get_learner(cfg.model_name)(cfg, device, run_dir, seed)
     if done >= 0:
         learner.restore(dm, done)

@@ -25,16 +25,19 @@ GROW = dict(model_name="gumbel_sdlora", gate_scope="new", warmup_fraction=0.2, p
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
+def run_main(procs: int, args: list[str]) -> subprocess.CompletedProcess:
+    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
+        if procs > 1 else [sys.executable]
+    return subprocess.run(runner + [str(ROOT / "main.py"), *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+
+
 def launch(tmp_path: Path, name: str, procs: int, **keys) -> tuple[Path, subprocess.CompletedProcess]:
     log_dir = tmp_path / name
     cfg = tmp_path / f"{name}.json"
     cfg.write_text(json.dumps(dict(TINY, **{"log_dir": str(log_dir), "max_tasks": 3, "epochs": 2, "batch_size": 16,
                                             "seed_per_sample": True, **keys})))
-    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
-        if procs > 1 else [sys.executable]
-    proc = subprocess.run(runner + [str(ROOT / "main.py"), f"--config={cfg}"], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
-    return log_dir, proc
+    return log_dir, run_main(procs, [f"--config={cfg}"])
 
 
 def one_folder(log_dir: Path) -> Path:
@@ -68,6 +71,21 @@ def test_two_processes_equal_one(keys, tmp_path):
             ra, rb = (torch.load(d / f"beta_values_task_{t}.pt", weights_only=False) for d in (a, b))
             torch.testing.assert_close(ra["beta_values"], rb["beta_values"], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(ra["logits"], rb["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_torchrun_resume_continues_where_the_run_stopped(tmp_path):
+    """A 2-process run stopped after task 1 (max_tasks 2), resumed by torchrun to task 3, equals one
+    uninterrupted process (the same tolerance as above)."""
+    one_dir, one = launch(tmp_path, "one", 1)
+    part_dir, part = launch(tmp_path, "part", 2, max_tasks=2)
+    assert one.returncode == 0 and part.returncode == 0, part.stderr[-2000:]
+    run = one_folder(part_dir)
+    resumed = run_main(2, ["--resume", str(run), "--max_tasks", "3"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (one_folder(one_dir), run))
+    assert len(mb["A"]) == 3 and np.allclose(ma["A"], mb["A"], atol=100 / 48 + 1e-9)
+    torch.testing.assert_close(load_file(str(one_folder(one_dir) / "task_2.safetensors"))["head.weight"],
+                               load_file(str(run / "task_2.safetensors"))["head.weight"], rtol=1e-4, atol=1e-4)
 
 
 def test_torchrun_refuses_a_config_that_would_differ(tmp_path):
