@@ -71,6 +71,11 @@ class SparseProjection:
                             self.value, accumulate=True)
 
 
+def stored_numbers(stored: dict[str, torch.Tensor]) -> int:
+    """Learned numbers of a stored subspace task: d, plus L split logits for ``learned`` (not the seed)."""
+    return sum(v.numel() for k, v in stored.items() if k != "subspace.seed")
+
+
 def _even_split(d: int, parts: int) -> list[int]:
     """d coordinates over ``parts`` blocks, as even as possible (the first d % parts get one more)."""
     return [d // parts + (1 if i < d % parts else 0) for i in range(parts)]
@@ -143,9 +148,6 @@ class SubspaceAdapter(nn.Module):
         gamma = torch.sigmoid(self.split)
         return torch.sigmoid(MASK_STEEPNESS * (gamma[self.block_of] * self.block_size[self.block_of] - self.pos))
 
-    def gammas(self) -> Optional[torch.Tensor]:
-        return None if self.split is None else torch.sigmoid(self.split.detach())
-
     def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(A, B) of every block, shaped as the block's adapter: theta_0 + P z."""
         m = self.mask()
@@ -166,8 +168,7 @@ class SubspaceAdapter(nn.Module):
         return t
 
     def n_stored(self) -> int:
-        """Learned numbers per task: d, plus L split logits for ``learned`` (the seed is not counted)."""
-        return self.z.numel() + (self.split.numel() if self.split is not None else 0)
+        return stored_numbers(self.stored())
 
     def load_stored(self, t: dict[str, torch.Tensor]) -> None:
         if int(t["subspace.seed"]) != self.spec.seed or t["subspace.z"].shape != self.z.shape:

@@ -10,7 +10,7 @@ from torch import nn
 
 from backbone.gate import AdapterGate
 from backbone.lora import LoRAQKV, adapter_norm
-from backbone.subspace import SubspaceAdapter, SubspaceSpec
+from backbone.subspace import SubspaceAdapter, SubspaceSpec, stored_numbers
 
 
 class BackboneError(ValueError):
@@ -175,6 +175,6 @@ class LoRAViT(nn.Module):
         subspace adapter, its z and split logits."""
         def count(t: int) -> int:
             if t in self.subspace_stored:
-                return sum(v.numel() for k, v in self.subspace_stored[t].items() if k != "subspace.seed")
+                return stored_numbers(self.subspace_stored[t])
             return sum(layer.lora_A[str(t)].numel() + layer.lora_B[str(t)].numel() for layer in self.layers)
         return sum(count(t) for t in tasks)
