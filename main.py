@@ -116,7 +116,7 @@ def setup_logging(run_dir: Path) -> None:
 
 def make_data_manager(cfg: Config, data, seed: int) -> DataManager:
     return DataManager(data, cfg.init_cls, cfg.increment, cfg.shuffle, seed, cfg.train_per_class,
-                       cfg.test_per_class, cfg.max_tasks)
+                       cfg.test_per_class, cfg.max_tasks, cfg.shift_tasks)
 
 
 def run_seed(cfg: Config, seed: int, data, device: torch.device) -> Path:

@@ -8,6 +8,11 @@
 #   bash run.sh subspace [--key value ...]  the SubLoRA grid on the first 5 tasks of that protocol: intrinsic_dim
 #                                           1000 and 2000 x allocation uniform / fixed 0.8, 0.5, 0.2 / learned,
 #                                           and SD-LoRA with full rank-10 LoRA beside it (seed 1993)
+#   bash run.sh curve [--key value ...]     the growth trade curve on that protocol: SD-LoRA, fixed schedules with
+#                                           reuse at 2-5 adapters, the Gumbel rule, growth on drift (DRIFTS), over
+#                                           SEEDS_CURVE (default "1993 1994 1995"); --report draws A vs adapters
+#   bash run.sh shifted [--key value ...]   the same rows on a stream whose tasks SHIFT (default [3,4,8]) are shown
+#                                           greyscale and inverted (shift_tasks)
 #   bash run.sh scan [--key value ...]      the growth-rule scan on the offline protocol: gumbel_c100.json with
 #                                           other warm-up / selection lengths and growth costs
 # SEEDS (default "1993 1994") are the seeds of the SD-LoRA and chosen-rule rows (offline) and of every scan row;
@@ -107,6 +112,35 @@ if [ "${1:-}" = "scan" ]; then
       run "scan_holdout_h2_w${w}_c${c}_$seed" "${G[@]}" --selection_holdout 0.2 --warmup_fraction 0.$w \
           --growth_cost 0.$c --prefix "scan_holdout_h2_w${w}_c${c}" --seed $seed "$@"
     done; done
+  done
+  wait
+  summarize
+  exit 0
+fi
+
+if [ "${1:-}" = "curve" ] || [ "${1:-}" = "shifted" ]; then
+  # the growth trade curve (issue: growth that earns its place). Per seed: SD-LoRA; fixed schedules with reuse at
+  # 2, 3, 4 and 5 adapters, evenly spaced (floor(i * 10 / k)); the Gumbel rule (gumbel_c100.json); growth on drift
+  # at DRIFTS thresholds. "shifted": the same rows on the stream whose tasks SHIFT (default [3,4,8]) are
+  # greyscale and inverted.
+  mode=$1; shift
+  SEEDS=${SEEDS_CURVE:-1993 1994 1995}
+  DRIFTS=${DRIFTS:-0.1 0.2}
+  X=()
+  tag=$mode
+  if [ "$mode" = shifted ]; then SHIFT=${SHIFT:-[3,4,8]}; X=(--shift_tasks "$SHIFT"); tag="shifted$(echo "$SHIFT" | tr -d '[], ')"; fi
+  for seed in $SEEDS; do
+    run "${tag}_sdlora_$seed" --config=exps/sdlora_c100.json "${P[@]}" "${X[@]}" --prefix "${tag}_sdlora" --seed $seed "$@"
+    for sched in "0,5" "0,3,6" "0,2,5,7" "0,2,4,6,8"; do
+      st=$(echo "$sched" | tr -d ,)
+      run "${tag}_sched${st}_$seed" --config=exps/sdlora_c100.json "${P[@]}" "${X[@]}" --growth_schedule "[$sched]" \
+          --skip_mode reuse --prefix "${tag}_sched${st}" --seed $seed "$@"
+    done
+    run "${tag}_gumbel_$seed" --config=exps/gumbel_c100.json "${P[@]}" "${X[@]}" --prefix "${tag}_gumbel" --seed $seed "$@"
+    for th in $DRIFTS; do
+      run "${tag}_drift${th}_$seed" --config=exps/sdlora_c100.json "${P[@]}" "${X[@]}" --skip_mode reuse \
+          --drift_threshold "$th" --prefix "${tag}_drift${th}" --seed $seed "$@"
+    done
   done
   wait
   summarize

@@ -56,6 +56,11 @@ class AdapterGate(nn.Module):
             self.pruning_mask[t] = 0
             self._active[t] = False
 
+    def revive(self, task: int) -> None:
+        """Undo a prune taken earlier in the same task, before anything was saved (a trial that lost)."""
+        self.pruning_mask[task] = 1
+        self._active[task] = True
+
     def load_mask(self, mask: torch.Tensor) -> None:
         """Take a saved mask (for the first len(mask) tasks); pruned entries stay pruned."""
         n = min(len(mask), self.n_tasks)

@@ -94,7 +94,8 @@ class Learner:
         self.train_tf, self.test_tf = build_transforms(cfg.img_size, cfg.crop_scale, mean, std)
         self.metrics: dict = {k: [] for k in (
             "accuracy_matrix", "A", "old_accuracy", "new_accuracy", "top5", "active_adapters",
-            "adapter_params", "train_seconds", "eval_seconds")}
+            "adapter_params", "train_seconds", "train_steps", "eval_seconds")}
+        self.task_steps = 0  # optimiser steps of the task in progress (metrics: train_steps, the compute a rule spends)
         self.trained_by: dict[int, int] = {}  # task -> the earlier adapter it reopened (skip_mode "reuse")
         self._check_subspace()
         if cfg.compile:
@@ -251,10 +252,12 @@ class Learner:
 
     def fit(self, task: int, loader: DataLoader, groups: list[dict], epochs: int, desc: str,
             extra_loss: Optional[Callable[[], torch.Tensor]] = None,
-            on_step: Optional[Callable[[], None]] = None) -> None:
+            on_step: Optional[Callable[[], None]] = None,
+            on_epoch: Optional[Callable[[int], bool]] = None) -> None:
         """The epoch loop: masked CE (+ extra_loss), optimiser and schedule from the config.
 
-        One host-device sync per epoch (the loss check and the log line), none per step.
+        One host-device sync per epoch (the loss check and the log line), none per step. ``on_epoch``
+        is called with the number of epochs done after each one; True ends the loop there.
         """
         s = self._task_opt_settings(task)
         opt = build_optimizer(self.cfg.optimizer, groups, s["lr"], s["weight_decay"], self.cfg.momentum)
@@ -284,6 +287,7 @@ class Learner:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                self.task_steps += 1
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.detach()[:, seen_lo:].argmax(1) + seen_lo == y).sum()
                 seen += len(y)
@@ -299,6 +303,8 @@ class Learner:
                     f"are saved in {self.run_dir}. Lower 'lrate' or check the data.")
             log.info(f"{desc}, Epoch {epoch + 1}/{epochs} => Loss {mean_loss:.3f}, "
                      f"Train_accy {100.0 * float(correct) / max(seen, 1):.2f}")
+            if on_epoch is not None and on_epoch(epoch + 1):
+                return
 
     @torch.no_grad()
     def evaluate(self, dm: DataManager, task: int) -> dict:
@@ -358,6 +364,7 @@ class Learner:
         m["active_adapters"].append(len(active))
         m["adapter_params"].append(self.net.backbone.adapter_param_count(active))
         m["train_seconds"].append(train_s)
+        m.setdefault("train_steps", []).append(self.task_steps)
         m["eval_seconds"].append(eval_s)
         m.update(summarize(m["accuracy_matrix"], m["A"]))
         split = self.net.backbone.subspace_stored.get(task, {}).get("subspace.split") if self.uses_adapters else None
@@ -472,6 +479,7 @@ class Learner:
             self._n_new = hi - lo
             log.info(f"Learning on {lo}-{hi} (task {task + 1}/{dm.n_tasks})")
             self.begin_task(task, hi - lo)
+            self.task_steps = 0
             t0 = time.perf_counter()
             self.train_task(task, self.loader(dm.train_set(task, self.train_tf), train=True, task=task))
             self.end_task(task)

@@ -12,6 +12,7 @@ from backbone.gate import FoldGate
 from backbone.lora import adapter_norm, direction_inner
 from models import register
 from models.base import Learner, log
+from models.drift_growth import DriftGrowth
 from utils.io import save_torch
 
 
@@ -19,7 +20,8 @@ from utils.io import save_torch
 class SDLoRA(Learner):
     """The base learner already is SD-LoRA: gate g = 1, alpha per task, one training phase. With
     ``growth_schedule``, only the tasks listed get an adapter (a fixed-growth baseline); the others
-    train the magnitudes and head, or, with ``skip_mode: "reuse"``, the latest adapter as well."""
+    train the magnitudes and head, or, with ``skip_mode: "reuse"``, the latest adapter as well. With
+    ``drift_threshold``, a task gets an adapter only when reusing the latest one drifts too far."""
 
     default_alpha = 0.8
 
@@ -28,6 +30,15 @@ class SDLoRA(Learner):
         sched = self.cfg.growth_schedule
         if sched is not None and task not in sched:
             self.skip_adapter(task, reuse=self.cfg.skip_mode == "reuse")
+
+    def train_task(self, task: int, loader) -> None:
+        """One fit of the task's epochs; with ``drift_threshold``, growth on drift (models/drift_growth.py)."""
+        if self.cfg.drift_threshold is None:
+            return super().train_task(task, loader)
+        record = DriftGrowth(self).train_task(task, loader)
+        if record is not None:
+            self.metrics.setdefault("growth", []).append(
+                {k: record[k] for k in ("task", "reopened", "drift", "grow", "trained_adapter")})
 
 
 @register("sdlora_rr")

@@ -1,4 +1,5 @@
 """--report: figures are real PNGs, tables carry metrics.json's numbers, broken folders get clear errors."""
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -32,6 +33,7 @@ def runs(tmp_path_factory):
         "gumbel": make_run(dict(base, model_name="gumbel_sdlora", gate_scope="new", warmup_fraction=0.2,
                                 phase1_fraction=0.2, epochs=5, gate_lr=5.0, growth_cost=0.05), tmp, "c"),
         "probe": make_run(dict(probe, model_name="linear_probe"), tmp, "d"),
+        "drift": make_run(dict(base, skip_mode="reuse", drift_threshold=1e-9), tmp, "e"),  # grows every task
     }
 
 
@@ -45,7 +47,9 @@ def test_report_on_every_kind_of_run_and_a_mix(runs, tmp_path):
             assert p.read_bytes()[:8] == PNG and p.stat().st_size > 5000
     out = tmp_path / "out"
     assert (out / "comparison.png").read_bytes()[:8] == PNG
-    assert {p.name for p in out.iterdir()} == {"comparison.png", "runs.md", "summary.md", "summary.csv"}
+    assert {p.name for p in out.iterdir()} == {"comparison.png", "tradeoff.png", "runs.md", "summary.md",
+                                               "summary.csv"}
+    assert (out / "tradeoff.png").stat().st_size > 5000
     assert "Mean ± std over seeds" in text
 
 
@@ -81,3 +85,18 @@ def test_broken_run_folders_get_clear_errors(runs, tmp_path, capsys):
     assert main(["--report", str(runs["sdlora_7"]), str(half)]) == 2
     assert "no metrics.json" in capsys.readouterr().err
     assert not (runs["sdlora_7"].parent / "report").exists()  # nothing written when one folder is bad
+
+
+def test_summary_measures_compute_against_sdlora_on_the_same_stream(runs, tmp_path):
+    report([runs["sdlora_7"], runs["sdlora_8"], runs["drift"]], tmp_path / "out")
+    header, *lines = csv.reader((tmp_path / "out" / "summary.csv").read_text().splitlines())
+    rows = {r[0]: r for r in lines}
+    col = header.index("relative_steps_mean")
+    sd = next(v for v in rows.values() if v[1] == "7 8")
+    drift = next(v for v in rows.values() if v[1] == "7" and "drift_threshold=1e-09" in v[0])
+    # 3 tasks x 3 epochs x 2 steps; growing after a reuse trial pays one more epoch on tasks 1 and 2
+    assert float(sd[col]) == pytest.approx(1.0)
+    assert float(drift[col]) == pytest.approx(22 / 18, abs=1e-4)
+    m = json.loads((runs["drift"] / "metrics.json").read_text())
+    assert m["train_steps"] == [6, 8, 8] and m["active_adapters"] == [1, 2, 3]
+    assert float(drift[header.index("active_adapters_mean")]) == 3.0

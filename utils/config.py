@@ -68,6 +68,12 @@ def _targets(v) -> Optional[str]:
     return None
 
 
+def _task_list(v) -> Optional[str]:
+    if any(t < 0 for t in v) or len(set(v)) != len(v):
+        return "must be a list of distinct task indices >= 0"
+    return None
+
+
 def _scale(v) -> Optional[str]:
     return None if len(v) == 2 and 0 < v[0] <= v[1] <= 1 else "must be [min, max] with 0 < min <= max <= 1"
 
@@ -125,6 +131,9 @@ class Config:
     normalize: bool = _key(False, "mean/std normalisation with the backbone's statistics (SD-LoRA: off)")
     crop_scale: list[float] = _key(None, "RandomResizedCrop scale range",
                                    default_factory=lambda: [0.05, 1.0], check=_scale)
+    shift_tasks: list[int] = _key(
+        None, "tasks whose train and test images are shown greyscale and inverted (a stream where some tasks "
+        "need new features); [] for none", default_factory=list, check=_task_list)
     memory_size: int = _key(0, "rehearsal memory (not supported: must be 0)", check=_zero)
     memory_per_class: int = _key(0, "rehearsal memory (not supported: must be 0)", check=_zero)
     fixed_memory: bool = _key(False, "rehearsal memory (not supported: must be false)", check=_zero)
@@ -142,6 +151,14 @@ class Config:
     skip_mode: Literal["none", "reuse"] = _key(
         "none", "what a task without an adapter of its own trains besides magnitudes and head: nothing "
         "(\"none\") or the latest earlier adapter, reopened (\"reuse\")", ("sdlora", "sdlora_rr", "gumbel_sdlora"))
+    drift_threshold: Optional[float] = _key(
+        None, "growth on drift: a task first reuses the latest adapter for trial_epochs and gets its own only if "
+        "that moved the earlier classes' logits on its images by more than this (relative); null: off",
+        ("sdlora", "sdlora_rr"), check=_positive)
+    trial_epochs: int = _key(1, "growth on drift: epochs of the reuse trial before the decision",
+                             ("sdlora", "sdlora_rr"), check=_positive)
+    probe_images: int = _key(256, "growth on drift: the task's first this many training images (test transform) "
+                             "on which the drift is measured", ("sdlora", "sdlora_rr"), check=_positive)
     rank_schedule: Optional[list] = _key(
         None, "SD-LoRA-RR: [[first_task, rank], ...]; sdlora_rr defaults to [[0,10],[4,8],[8,6]]",
         LORA_METHODS, check=_rank_schedule)
@@ -367,9 +384,20 @@ def _cross_checks(cfg: Config, raw: dict) -> list[str]:
     if cfg.model_name == "lora_task_id" and not cfg.mask_old_logits:
         errs.append("model_name 'lora_task_id' trains each task's head among its own classes: set "
                     "mask_old_logits to true")
-    if cfg.model_name in ("sdlora", "sdlora_rr") and cfg.skip_mode != "none" and cfg.growth_schedule is None:
+    drift = cfg.drift_threshold is not None
+    if cfg.model_name in ("sdlora", "sdlora_rr") and cfg.skip_mode != "none" and cfg.growth_schedule is None \
+            and not drift:
         errs.append("config key 'skip_mode' applies to the tasks a 'growth_schedule' leaves without an adapter; "
-                    "set growth_schedule or remove skip_mode")
+                    "set growth_schedule (or drift_threshold) or remove skip_mode")
+    if drift and (cfg.skip_mode != "reuse" or cfg.growth_schedule is not None):
+        errs.append("config key 'drift_threshold' decides growth by a reuse trial: it needs \"skip_mode\": \"reuse\" "
+                    "and no 'growth_schedule'")
+    if drift and cfg.trial_epochs >= cfg.epochs:
+        errs.append(f"config key 'trial_epochs' = {cfg.trial_epochs} must be below 'epochs' = {cfg.epochs}: the "
+                    "trial is the first part of a task")
+    for key in ("trial_epochs", "probe_images"):
+        if not drift and raw.get(key, getattr(DEFAULTS, key)) != getattr(DEFAULTS, key):
+            errs.append(f"config key '{key}' only applies with 'drift_threshold' set; remove it or set drift_threshold")
     errs += _subspace_checks(cfg, raw)
     if cfg.model_name == "gumbel_sdlora":
         if cfg.gumbel_tau_final > cfg.gumbel_tau_init:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +52,15 @@ def _load_image(path: str) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
+def shift_appearance(img: torch.Tensor) -> torch.Tensor:
+    """The ``shift_tasks`` appearance change of a uint8 (3, H, W) image: greyscale (ITU-R 601 luma,
+    rounded), then inverted (255 - v), in all three channels. Fixed and strong: the pretrained
+    features of a shifted image differ from those of the plain one, while its class stays recognisable."""
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32).view(3, 1, 1)
+    luma = (img.float() * w).sum(0).round().clamp(0, 255).to(torch.uint8)
+    return (255 - luma).expand(3, *luma.shape).clone()
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The random stream of one image in one epoch (``seed_per_sample``)."""
     return (seed * 1_000_003 + epoch * 7_919 + index * 104_729) % 2**63
@@ -65,9 +74,11 @@ class TaskDataset(Dataset):
     the images do not depend on the loader's workers or on which process loads them.
     """
 
-    def __init__(self, images, labels: np.ndarray, transform: Callable, augment_seed: Optional[int] = None):
+    def __init__(self, images, labels: np.ndarray, transform: Callable, augment_seed: Optional[int] = None,
+                 shifted: Optional[np.ndarray] = None):
         self.images, self.labels, self.transform = images, labels, transform
         self.augment_seed = augment_seed
+        self.shifted = shifted  # bool per item: shift_appearance before the transform (``shift_tasks``)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -76,6 +87,8 @@ class TaskDataset(Dataset):
         epoch, i = divmod(int(key), len(self.labels))
         x = self.images[i]
         img = _load_image(x) if isinstance(x, str) else torch.from_numpy(x).permute(2, 0, 1)
+        if self.shifted is not None and self.shifted[i]:
+            img = shift_appearance(img)
         if self.augment_seed is None:
             return self.transform(img), int(self.labels[i])
         with torch.random.fork_rng(devices=[]):  # the global stream (Gumbel noise, ...) is left as it was
@@ -87,7 +100,8 @@ class TaskDataset(Dataset):
         they came from, as in torch's Subset."""
         idx = np.asarray(idx, dtype=np.int64)
         images = self.images[idx] if isinstance(self.images, np.ndarray) else [self.images[i] for i in idx]
-        sub = TaskDataset(images, self.labels[idx], self.transform, self.augment_seed)
+        shifted = None if self.shifted is None else self.shifted[idx]
+        sub = TaskDataset(images, self.labels[idx], self.transform, self.augment_seed, shifted)
         sub.indices = idx.tolist()
         return sub
 
@@ -108,10 +122,15 @@ class DataManager:
 
     def __init__(self, data: SplitData, init_cls: int, increment: int, shuffle: bool, seed: int,
                  train_per_class: Optional[int] = None, test_per_class: Optional[int] = None,
-                 max_tasks: Optional[int] = None):
+                 max_tasks: Optional[int] = None, shift_tasks: Sequence[int] = ()):
         self.order = class_order(data.n_classes, shuffle, seed)
         sizes = task_sizes(data.n_classes, init_cls, increment)
         self.sizes = sizes[:max_tasks] if max_tasks else sizes
+        bad = [t for t in shift_tasks if t >= len(sizes)]
+        if bad:
+            raise DataError(f"config key 'shift_tasks' names task(s) {bad}, but the stream has {len(sizes)} tasks "
+                            f"(0..{len(sizes) - 1}); remove them or change init_cls / increment")
+        self.shift_tasks = sorted(set(shift_tasks))
         self.class_names = [data.class_names[c] for c in self.order]
         remap = np.empty(data.n_classes, np.int64)
         remap[self.order] = np.arange(data.n_classes)
@@ -139,7 +158,10 @@ class DataManager:
     def _subset(self, split, lo: int, hi: int, transform: Callable) -> TaskDataset:
         images, labels = split
         idx = np.nonzero((labels >= lo) & (labels < hi))[0]
-        return TaskDataset(self._take(images, idx), labels[idx], transform)
+        shifted = None
+        if self.shift_tasks:
+            shifted = np.isin(self.task_of_label(labels[idx]), self.shift_tasks)
+        return TaskDataset(self._take(images, idx), labels[idx], transform, shifted=shifted)
 
     def train_set(self, t: int, transform: Callable) -> TaskDataset:
         """Task t's training images only."""

@@ -210,6 +210,33 @@ def plot_comparison(runs: list[Run], out: Path) -> Path:
     return _save(fig, out / "comparison.png")
 
 
+def plot_tradeoff(summary: list[dict], out: Path) -> Optional[Path]:
+    """A_last and A_avg against the adapters kept after the last task: one point per config, its mean over
+    seeds, with the std over seeds as error bars on both axes. None when no config has adapters."""
+    rows = [e for e in summary if e["active_adapters"] is not None]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    markers = "osD^v<>phX*"
+    for ax, key in zip(axes, ("A_last", "A_avg")):
+        for i, e in enumerate(rows):
+            (x, dx), (y, dy) = e["active_adapters"], e[key]
+            ax.errorbar(x, y, xerr=dx, yerr=dy, fmt=markers[i % len(markers)], ms=7, capsize=3,
+                        label=f"{e['method']} (n={len(e['seeds'])})")
+        ax.set_xlabel("adapters after the last task")
+        ax.set_ylabel(f"{key} (%)")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{key} against adapters (mean ± std over seeds)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, [textwrap.shorten(t, 70) for t in labels], loc="lower center", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(rows) / 2), 1, 1))
+    path = out / "tradeoff.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _suptitle(fig, text: str) -> None:
     """The run's name over the whole figure, wrapped so that no label is cut at the edge."""
     width = max(40, int(fig.get_size_inches()[0] * 9))
@@ -232,7 +259,22 @@ def run_row(run: Run) -> dict:
             "tasks": run.n_tasks, "A_last": m["A_last"], "A_avg": m["A_avg"], "forgetting": m["forgetting"],
             "active_adapters": (m.get("active_adapters") or [None])[-1],
             "adapter_params": (m.get("adapter_params") or [None])[-1],
-            "train_s_per_task": sum(train) / len(train) if train else None}
+            "train_s_per_task": sum(train) / len(train) if train else None,
+            "train_s": sum(train) if train else None,
+            "train_steps": sum(m["train_steps"]) if m.get("train_steps") else None}
+
+
+def _is_reference(run: Run) -> bool:
+    """Plain SD-LoRA (an adapter per task, no growth rule): what a rule's compute is measured against."""
+    c = run.config
+    return c.get("model_name") == "sdlora" and c.get("growth_schedule") is None and c.get("drift_threshold") is None
+
+
+def _data_key(run: Run) -> str:
+    """Runs on the same stream (data, seed and shift): rows whose compute compares."""
+    c = run.config
+    return json.dumps([c.get(k) for k in ("dataset", "data_path", "seed", "shift_tasks", "train_per_class",
+                                          "img_size", "epochs", "batch_size", "max_tasks")])
 
 
 def runs_table(runs: list[Run]) -> str:
@@ -253,22 +295,31 @@ def seed_summary(runs: list[Run]) -> list[dict]:
     groups: dict[str, list[Run]] = {}
     for r in runs:
         groups.setdefault(_experiment_key(r), []).append(r)
+    ref_steps = {_data_key(r): run_row(r)["train_steps"] for r in runs if _is_reference(r)}
     out = []
     for members in groups.values():
         rows = [run_row(r) for r in members]
+        for r, w in zip(members, rows):  # optimiser steps over plain SD-LoRA's on the same stream and seed
+            ref = ref_steps.get(_data_key(r))
+            w["relative_steps"] = w["train_steps"] / ref if ref and w["train_steps"] else None
         entry = {"method": members[0].label, "seeds": [w["seed"] for w in rows]}
-        for k in ("A_last", "A_avg", "forgetting", "active_adapters"):
+        for k in SUMMARY_KEYS:
             vals = np.array([w[k] for w in rows if w[k] is not None], dtype=float)
             entry[k] = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0) if len(vals) else None
         out.append(entry)
     return out
 
 
+#: The columns of the seed summary: mean +- std of each over the seeds of one config.
+SUMMARY_KEYS = ("A_last", "A_avg", "forgetting", "active_adapters", "relative_steps", "train_s")
+
+
 def summary_markdown(summary: list[dict]) -> str:
-    lines = ["| method | seeds | A_last | A_avg | forgetting | active adapters |", "|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | A_last | A_avg | forgetting | active adapters | training steps / SD-LoRA's "
+             "| train s |", "|---|---|---|---|---|---|---|---|"]
     for e in summary:
-        cells = ["-" if e[k] is None else f"{e[k][0]:.2f} ± {e[k][1]:.2f}"
-                 for k in ("A_last", "A_avg", "forgetting", "active_adapters")]
+        cells = ["-" if e[k] is None else f"{e[k][0]:.0f} ± {e[k][1]:.0f}" if k == "train_s"
+                 else f"{e[k][0]:.2f} ± {e[k][1]:.2f}" for k in SUMMARY_KEYS]
         lines.append(f"| {e['method']} | {', '.join(map(str, e['seeds']))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -276,11 +327,10 @@ def summary_markdown(summary: list[dict]) -> str:
 def summary_csv(summary: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["method", "seeds", "n_seeds"] + [f"{k}_{s}" for k in ("A_last", "A_avg", "forgetting",
-                                                                        "active_adapters") for s in ("mean", "std")])
+    w.writerow(["method", "seeds", "n_seeds"] + [f"{k}_{s}" for k in SUMMARY_KEYS for s in ("mean", "std")])
     for e in summary:
         vals = []
-        for k in ("A_last", "A_avg", "forgetting", "active_adapters"):
+        for k in SUMMARY_KEYS:
             vals += ["", ""] if e[k] is None else [f"{e[k][0]:.4f}", f"{e[k][1]:.4f}"]
         w.writerow([e["method"], " ".join(map(str, e["seeds"])), len(e["seeds"])] + vals)
     return buf.getvalue()
@@ -303,8 +353,9 @@ def report(paths: list, out: Optional[Path] = None) -> str:
     if len(runs) > 1:
         out = Path(out) if out else runs[0].path.parent / "report"
         plot_comparison(runs, out)
+        plot_tradeoff(summary, out)
         (out / "runs.md").write_text(table + "\n")
         (out / "summary.md").write_text(summary_markdown(summary) + "\n")
         (out / "summary.csv").write_text(summary_csv(summary))
-        text.append(f"\ncomparison.png, runs.md, summary.md, summary.csv in {out}")
+        text.append(f"\ncomparison.png, tradeoff.png, runs.md, summary.md, summary.csv in {out}")
     return "\n".join(text)
