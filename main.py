@@ -14,12 +14,14 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from backbone.vit import BackboneError
 from models import get_learner
 from models.base import NonFiniteLoss
 from utils import dist
+from utils.dist import resolve_device
 from utils.config import (Config, ConfigError, build_config, check_device, describe_keys, load_config,
                           parse_overrides)
 from utils.data_manager import DataManager
@@ -44,36 +46,6 @@ CURRENT_RUN: list[Path] = []
 
 #: Keys a resumed run may change: they do not alter the experiment.
 RESUME_KEYS = {"max_tasks", "num_workers", "progress", "device"}
-
-
-def resolve_device(spec) -> torch.device:
-    """'auto', 'cpu', 'cuda', 'cuda:N', or the field's ["0"]; a missing GPU is an error, not a fallback.
-    Under torchrun each process takes the GPU of its LOCAL_RANK ('auto' or 'cuda')."""
-    if dist.launched():
-        if spec not in ("auto", "cuda", "cpu"):
-            raise ConfigError(f"config key 'device' = {spec!r} under torchrun: use \"auto\", \"cuda\" (each process "
-                              "takes the GPU of its LOCAL_RANK) or \"cpu\"")
-        if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
-            return torch.device("cpu")
-        if not torch.cuda.is_available():
-            raise ConfigError("config key 'device' = 'cuda' but no CUDA GPU is visible; use \"cpu\" or \"auto\"")
-        torch.cuda.set_device(dist.local_rank())
-        return torch.device("cuda", dist.local_rank())
-    if isinstance(spec, list):
-        if len(spec) != 1:
-            raise ConfigError(f"config key 'device' = {spec}: one device per run; multi-GPU is not supported")
-        spec = spec[0]
-    if spec.isdigit():
-        spec = f"cuda:{spec}"
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(f"config key 'device' = '{spec}' is not a device (use auto, cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"config key 'device' = '{spec}' but no CUDA GPU is visible; use \"cpu\" or \"auto\"")
-    return dev
 
 
 def check_writable(log_dir: str) -> None:
@@ -114,9 +86,7 @@ def setup_logging(run_dir: Path) -> None:
     logger.propagate = False
 
 
-def make_data_manager(cfg: Config, data, seed: int) -> DataManager:
-    return DataManager(data, cfg.init_cls, cfg.increment, cfg.shuffle, seed, cfg.train_per_class,
-                       cfg.test_per_class, cfg.max_tasks, cfg.shift_tasks)
+make_data_manager = DataManager.for_config  # the name tests and scripts know
 
 
 def run_seed(cfg: Config, seed: int, data, device: torch.device) -> Path:
@@ -220,6 +190,9 @@ def _main(argv: list[str] | None = None) -> int:
         check_device(cfg, device.type)  # before any work: no run folder yet
         check_writable(cfg.log_dir)
         data = load_dataset(cfg)
+        if cfg.augment_on == "device" and not isinstance(data.x_train, np.ndarray):
+            raise ConfigError(f"config key 'augment_on' = \"device\" needs an in-memory dataset, but '{cfg.dataset}' "
+                              "is read from image files; use \"auto\" or \"loader\"")
         for seed in cfg.seeds:  # task splits that cannot be made stop here, not after a run folder exists
             make_data_manager(cfg, data, seed)
         for seed in cfg.seeds:

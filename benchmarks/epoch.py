@@ -1,31 +1,37 @@
-"""One training epoch of a real config, end to end (data loading included), and where the time goes.
+"""Training epochs of a real config, end to end, for each data path, beside the model's compute alone.
 
     python benchmarks/epoch.py --config exps/sdlora_c100.json --task 9 --max_steps 50
-    python benchmarks/epoch.py --config exps/demo.json
+    python benchmarks/epoch.py --config exps/demo.json --rounds 3
 
 Takes the same ``--config`` and ``--key value`` overrides as main.py. Builds the method, gives it
-``--task`` earlier (frozen, random) adapters, then measures on that task's training data:
-  data     the DataLoader alone (decode, augment, collate; workers as configured): images/s
-  compute  forward + backward + optimiser step on one batch already on the device: images/s
-  epoch    the learner's own training loop over the loader (what a run pays): images/s
-If ``epoch`` is close to ``compute``, the data pipeline keeps ahead of the model.
+``--task`` earlier (frozen, random) adapters, then measures on that task's training data, in
+interleaved rounds (the median is printed), all in one process:
+  plain     a frozen ViT with no adapter, forward + backward (to its input) + step on one batch already on
+            the device and already resized: the floor an epoch can reach
+  compute   the method's network, forward + backward + step on one resident batch
+  loader    the learner's own epoch with ``augment_on: "loader"`` (DataLoader, torchvision per image)
+  device    the learner's own epoch with ``augment_on: "device"`` (uint8 images on the device, one op)
+and the ratios: each epoch to compute (how much the data path costs) and to plain.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import sys
+import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from main import make_data_manager, resolve_device  # noqa: E402
-from models import get_learner  # noqa: E402
-from utils.config import load_config, parse_overrides  # noqa: E402
-from utils.datasets import load_dataset  # noqa: E402
+from backbone.vit import create_vit
+from models import get_learner
+from utils.config import load_config, parse_overrides
+from utils.data_manager import DataManager
+from utils.datasets import load_dataset
+from utils.dist import resolve_device
 
 
 def _sync(device: torch.device) -> None:
@@ -38,6 +44,7 @@ class _Limited:
 
     def __init__(self, loader, n):
         self.loader, self.n = loader, n
+        self.sampler = getattr(loader, "sampler", None)
 
     def __iter__(self):
         return itertools.islice(iter(self.loader), self.n)
@@ -46,77 +53,109 @@ class _Limited:
         return min(self.n, len(self.loader))
 
 
+def make_learner(cfg, dm, device, task: int, tmp: str):
+    learner = get_learner(cfg.model_name)(cfg, device, Path(tmp), cfg.seeds[0])
+    for t in range(task):  # earlier tasks: structure only, B made non-zero
+        learner.begin_task(t, dm.sizes[t])
+        if learner.uses_adapters:
+            with torch.no_grad():
+                for layer in learner.net.backbone.layers:
+                    layer.lora_B[str(t)].normal_(std=0.02)
+            learner.net.backbone.freeze_current()
+    lo, hi = dm.task_range(task)
+    learner._n_new = hi - lo
+    learner.begin_task(task, hi - lo)
+    return learner
+
+
+def timed(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--task", type=int, default=0, help="time this task (earlier adapters are made up)")
     ap.add_argument("--max_steps", type=int, default=None, help="cut the epoch to this many batches")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is printed")
     args, rest = ap.parse_known_args(argv)
-    overrides = dict(parse_overrides(rest), progress=False, epochs=1)
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, dict(parse_overrides(rest), progress=False, epochs=1))
     device = resolve_device(cfg.device)
     data = load_dataset(cfg)
-    dm = make_data_manager(cfg, data, cfg.seeds[0])
+    dm = DataManager.for_config(cfg, data, cfg.seeds[0])
+    t = args.task
     with tempfile.TemporaryDirectory() as tmp:
-        learner = get_learner(cfg.model_name)(cfg, device, Path(tmp), cfg.seeds[0])
-        for t in range(args.task):  # earlier tasks: structure only, B made non-zero
-            learner.begin_task(t, dm.sizes[t])
-            if learner.uses_adapters:
-                with torch.no_grad():
-                    for layer in learner.net.backbone.layers:
-                        layer.lora_B[str(t)].normal_(std=0.02)
-            learner.net.backbone.freeze_current() if learner.uses_adapters else None
-        t = args.task
-        lo, hi = dm.task_range(t)
-        learner._n_new = hi - lo
-        learner.begin_task(t, hi - lo)
-        loader = learner.loader(dm.train_set(t, learner.train_tf), train=True, task=t)
-        steps = min(args.max_steps or len(loader), len(loader))
-        loader = _Limited(loader, steps)
-        bs = cfg.batch_size
-
-        # data pipeline alone (first pass also starts the workers: run it twice, time the second)
-        for _ in loader:
-            pass
-        t0 = time.perf_counter()
-        n_img = sum(len(y) for _, y in loader)
-        data_s = time.perf_counter() - t0
-
-        # compute alone on one resident batch
-        x, y = next(iter(loader))
-        x, y = x.to(device), y.to(device)
+        learner = make_learner(cfg, dm, device, t, tmp)
+        lo = dm.task_range(t)[0]
+        loaders = {}
+        for path in ("loader", "device"):
+            learner.cfg = replace(cfg, augment_on=path)
+            full = learner.loader(dm.train_set(t, learner.train_tf), train=True, task=t)
+            steps = min(args.max_steps or len(full), len(full))
+            loaders[path] = _Limited(full, steps)
+        learner.cfg = cfg
+        n_img = sum(len(y) for _, y in loaders["device"])
+        x, y = next(iter(loaders["device"]))
+        bs = len(y)
         params = [p for p in learner.net.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
 
-        def step():
-            with learner._autocast():
-                loss = learner.task_loss(learner.net(x).float(), y, t, lo)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        def compute():
+            for _ in range(steps):
+                with learner._autocast():
+                    loss = learner.task_loss(learner.net(x).float(), y, t, lo)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
 
-        step()
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        compute_s = time.perf_counter() - t0
+        torch.manual_seed(0)  # the floor: the same timm ViT, frozen, no adapters, a linear head
+        vit = create_vit(cfg.backbone_type, False, None, cfg.img_size, cfg.backbone_kwargs).to(device)
+        for p in vit.parameters():
+            p.requires_grad_(False)
+        head = nn.Linear(vit.num_features, learner.net.head.out_features).to(device)
+        plain_opt = torch.optim.SGD(head.parameters(), lr=1e-3, momentum=0.9)
+        xin = x.clone().requires_grad_(True)  # its backward crosses the backbone, as the method's does
 
-        # the learner's own loop, end to end
-        t0 = time.perf_counter()
-        learner.fit(t, loader, learner.param_groups(), 1, desc=f"bench task {t}")
-        _sync(device)
-        epoch_s = time.perf_counter() - t0
+        def plain():
+            for _ in range(steps):
+                with learner._autocast():
+                    loss = nn.functional.cross_entropy(head(vit.forward_head(vit.forward_features(xin),
+                                                                             pre_logits=True)).float(), y - lo)
+                plain_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                plain_opt.step()
 
-    n_compute = steps * len(y)
-    print(f"# {cfg.model_name} {cfg.backbone_type} img {cfg.img_size} batch {bs} task {t} "
+        def epoch(path):
+            learner.cfg = replace(cfg, augment_on=path)
+            learner.fit(t, loaders[path], learner.param_groups(), 1, desc=f"bench task {t} ({path})")
+            learner.cfg = cfg
+
+        runs = {"plain": plain, "compute": compute, "loader": lambda: epoch("loader"),
+                "device": lambda: epoch("device")}
+        for fn in runs.values():  # warm-up (workers started, caches filled)
+            fn()
+        secs = {k: [] for k in runs}
+        for _ in range(args.rounds):
+            for k, fn in runs.items():
+                secs[k].append(timed(fn, device))
+    med = {k: statistics.median(v) for k, v in secs.items()}
+    rate = {k: (steps * bs if k in ("plain", "compute") else n_img) / med[k] for k in med}
+    print(f"# {cfg.model_name} {cfg.backbone_type} img {cfg.img_size} batch {cfg.batch_size} task {t} "
           f"({learner.gate.n_tasks if learner.uses_adapters else 0} adapters) device {device} "
-          f"workers {cfg.workers} amp {cfg.amp} compile {cfg.compile}; {steps} steps, {n_img} images")
-    print(f"data     {n_img / data_s:9.1f} img/s   ({data_s:.2f} s)")
-    print(f"compute  {n_compute / compute_s:9.1f} img/s   ({compute_s:.2f} s)")
-    print(f"epoch    {n_img / epoch_s:9.1f} img/s   ({epoch_s:.2f} s)  = {100 * compute_s / epoch_s * n_img / n_compute:.0f}% "
-          "of the compute-only rate")
+          f"workers {cfg.workers} amp {cfg.amp}; {steps} steps, {n_img} images; median of {args.rounds} rounds "
+          f"(torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    for k in runs:
+        extra = ""
+        if k in ("loader", "device"):
+            extra = (f"   end to end / compute {rate['compute'] / rate[k]:.3f}x, / plain ViT "
+                     f"{rate['plain'] / rate[k]:.3f}x")
+        elif k == "compute":
+            extra = f"   / plain ViT {rate['plain'] / rate[k]:.3f}x"
+        print(f"{k:8s} {rate[k]:9.1f} img/s  ({med[k]:.2f} s){extra}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from utils.data_manager import DataManager, EpochSampler, TaskDataset
 from utils.io import CheckpointError, load_tensors, save_json, save_tensors
 from utils.metrics import summarize, topk_correct
 from utils.optim import build_optimizer, build_scheduler
+from utils.augment import DeviceAugment
+from utils.device_loader import DeviceLoader
 from utils.transforms import build_transforms
 
 log = logging.getLogger("cl")
@@ -92,6 +94,7 @@ class Learner:
         mean = vit.pretrained_cfg.get("mean") if cfg.normalize else None
         std = vit.pretrained_cfg.get("std") if cfg.normalize else None
         self.train_tf, self.test_tf = build_transforms(cfg.img_size, cfg.crop_scale, mean, std)
+        self.device_augment = DeviceAugment(cfg.img_size, cfg.crop_scale, mean, std)
         self.metrics: dict = {k: [] for k in (
             "accuracy_matrix", "A", "old_accuracy", "new_accuracy", "top5", "active_adapters",
             "adapter_params", "train_seconds", "train_steps", "eval_seconds")}
@@ -245,10 +248,17 @@ class Learner:
                 raise TypeError("seed_per_sample needs a TaskDataset (use TaskDataset.subset, not torch Subset)")
             dataset.augment_seed = seed
             sampler = EpochSampler(dataset, num_replicas=dist.world(), rank=dist.rank(), shuffle=True, seed=seed)
+        if self.augments_on_device(dataset):
+            return DeviceLoader(dataset, bs, train, self.device_augment, self.device, g, sampler)
         return DataLoader(dataset, batch_size=bs, shuffle=train and sampler is None, sampler=sampler,
                           drop_last=False, num_workers=workers, pin_memory=self.device.type == "cuda",
                           persistent_workers=workers > 0, worker_init_fn=_seed_worker, generator=g,
                           prefetch_factor=4 if workers > 0 else None)
+
+    def augments_on_device(self, dataset) -> bool:
+        """``augment_on``: device for in-memory images ("auto" and "device"), the DataLoader otherwise."""
+        in_memory = isinstance(getattr(dataset, "images", None), np.ndarray)
+        return self.cfg.augment_on != "loader" and in_memory
 
     def fit(self, task: int, loader: DataLoader, groups: list[dict], epochs: int, desc: str,
             extra_loss: Optional[Callable[[], torch.Tensor]] = None,

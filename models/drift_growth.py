@@ -43,7 +43,7 @@ class DriftGrowth:
         n = min(len(ds), self.learner.cfg.probe_images)
         probe = ds.subset(range(n))
         probe.transform, probe.augment_seed = self.learner.test_tf, None
-        return DataLoader(probe, batch_size=self.learner.cfg.eval_batch_size or 2 * self.learner.cfg.batch_size)
+        return self.learner.loader(probe, train=False, task=0)
 
     @torch.no_grad()
     def old_logits(self, probe: DataLoader, lo: int) -> tuple[torch.Tensor, float]:

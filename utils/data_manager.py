@@ -139,6 +139,12 @@ class DataManager:
         self._train = (self._take(data.x_train, tr), remap[data.y_train[tr]])
         self._test = (self._take(data.x_test, te), remap[data.y_test[te]])
 
+    @classmethod
+    def for_config(cls, cfg, data: SplitData, seed: int) -> "DataManager":
+        """The task splits a run's config asks for (utils/config.py keys)."""
+        return cls(data, cfg.init_cls, cfg.increment, cfg.shuffle, seed, cfg.train_per_class, cfg.test_per_class,
+                   cfg.max_tasks, cfg.shift_tasks)
+
     @staticmethod
     def _take(images, idx: np.ndarray):
         return images[idx] if isinstance(images, np.ndarray) else [images[i] for i in idx]

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from utils.config import ConfigError
+
 
 def launched() -> bool:
     """Whether this process was started by torchrun with more than one process."""
@@ -88,3 +90,33 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False)
+
+
+def resolve_device(spec) -> torch.device:
+    """'auto', 'cpu', 'cuda', 'cuda:N', or the field's ["0"]; a missing GPU is an error, not a fallback.
+    Under torchrun each process takes the GPU of its LOCAL_RANK ('auto' or 'cuda')."""
+    if launched():
+        if spec not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"config key 'device' = {spec!r} under torchrun: use \"auto\", \"cuda\" (each process "
+                              "takes the GPU of its LOCAL_RANK) or \"cpu\"")
+        if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            raise ConfigError("config key 'device' = 'cuda' but no CUDA GPU is visible; use \"cpu\" or \"auto\"")
+        torch.cuda.set_device(local_rank())
+        return torch.device("cuda", local_rank())
+    if isinstance(spec, list):
+        if len(spec) != 1:
+            raise ConfigError(f"config key 'device' = {spec}: one device per run; multi-GPU is not supported")
+        spec = spec[0]
+    if spec.isdigit():
+        spec = f"cuda:{spec}"
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"config key 'device' = '{spec}' is not a device (use auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device' = '{spec}' but no CUDA GPU is visible; use \"cpu\" or \"auto\"")
+    return dev
