@@ -14,7 +14,6 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from backbone.vit import BackboneError
@@ -190,9 +189,6 @@ def _main(argv: list[str] | None = None) -> int:
         check_device(cfg, device.type)  # before any work: no run folder yet
         check_writable(cfg.log_dir)
         data = load_dataset(cfg)
-        if cfg.augment_on == "device" and not isinstance(data.x_train, np.ndarray):
-            raise ConfigError(f"config key 'augment_on' = \"device\" needs an in-memory dataset, but '{cfg.dataset}' "
-                              "is read from image files; use \"auto\" or \"loader\"")
         for seed in cfg.seeds:  # task splits that cannot be made stop here, not after a run folder exists
             make_data_manager(cfg, data, seed)
         for seed in cfg.seeds:

@@ -249,16 +249,16 @@ class Learner:
             dataset.augment_seed = seed
             sampler = EpochSampler(dataset, num_replicas=dist.world(), rank=dist.rank(), shuffle=True, seed=seed)
         if self.augments_on_device(dataset):
-            return DeviceLoader(dataset, bs, train, self.device_augment, self.device, g, sampler)
+            return DeviceLoader(dataset, bs, train, self.device_augment, self.device, g, sampler, workers)
         return DataLoader(dataset, batch_size=bs, shuffle=train and sampler is None, sampler=sampler,
                           drop_last=False, num_workers=workers, pin_memory=self.device.type == "cuda",
                           persistent_workers=workers > 0, worker_init_fn=_seed_worker, generator=g,
                           prefetch_factor=4 if workers > 0 else None)
 
     def augments_on_device(self, dataset) -> bool:
-        """``augment_on``: device for in-memory images ("auto" and "device"), the DataLoader otherwise."""
+        """``augment_on``: "device" always, "auto" for in-memory images; otherwise per image in the DataLoader."""
         in_memory = isinstance(getattr(dataset, "images", None), np.ndarray)
-        return self.cfg.augment_on != "loader" and in_memory
+        return self.cfg.augment_on == "device" or (self.cfg.augment_on == "auto" and in_memory)
 
     def fit(self, task: int, loader: DataLoader, groups: list[dict], epochs: int, desc: str,
             extra_loss: Optional[Callable[[], torch.Tensor]] = None,

@@ -70,8 +70,8 @@ def test_a_fixed_box_gives_torchvisions_pixels_within_one_level(out):
     x = random_images()
     boxes = torch.tensor([[0, 0, 32, 32], [3, 5, 10, 20], [7, 1, 25, 9], [0, 0, 1, 1], [10, 10, 22, 22],
                           [2, 2, 5, 30]])
-    wy = resize_weights(boxes[:, 2], out, 32, boxes[:, 0])
-    wx = resize_weights(boxes[:, 3], out, 32, boxes[:, 1])
+    wy = resize_weights(boxes[:, 2], boxes[:, 0], out, 32)
+    wx = resize_weights(boxes[:, 3], boxes[:, 1], out, 32)
     got = resample(x, wy, wx)
     want = torch.stack([TF.to_dtype(TF.resized_crop(x[i], *boxes[i].tolist(), [out, out], antialias=True),
                                     torch.float32, scale=True) for i in range(len(x))])
@@ -162,3 +162,57 @@ def test_seeded_images_do_not_depend_on_the_batch_they_fall_in():
     assert len(per_image) == len(ds)
     first = list(per_image.values())
     assert not torch.equal(first[0], first[1])
+
+
+def test_image_files_of_different_sizes_on_the_device_path(tmp_path):
+    """Files: decoded by the workers, padded into one batch; each image's own size bounds its crop and
+    its test resize (within one level of torchvision's per-image transform)."""
+    from PIL import Image
+    rng = np.random.RandomState(1)
+    paths = []
+    for k, (h, w) in enumerate([(40, 30), (25, 60), (33, 33), (50, 20)]):
+        p = tmp_path / f"{k}.png"
+        Image.fromarray(rng.randint(0, 256, (h, w, 3)).astype(np.uint8)).save(p)
+        paths.append(str(p))
+    shifted = np.array([False, True, False, False])
+    ds = TaskDataset(paths, np.arange(4), lambda im: im, shifted=shifted)
+    _, test_tf = build_transforms(24, SCALE)
+    aug = DeviceAugment(24, SCALE)
+    test = DeviceLoader(ds, 4, False, aug, torch.device("cpu"))
+    (x, y), = list(test)
+    want = torch.stack([test_tf(ds[i][0]) for i in range(4)])  # the loader path, shift included
+    assert x.shape == (4, 3, 24, 24) and torch.equal(y, torch.arange(4))
+    diff = (x - want).abs() * 255
+    assert diff.max() <= 1.0 + 1e-3
+    train = DeviceLoader(ds, 4, True, aug, torch.device("cpu"), torch.Generator().manual_seed(0))
+    (xt, _), = list(train)
+    assert xt.shape == (4, 3, 24, 24) and xt.min() >= 0 and xt.max() <= 1
+    # the padding is never sampled: a crop of the 25 x 60 image sees its own pixels only
+    sizes = torch.tensor([[40, 30], [25, 60], [33, 33], [50, 20]])
+    boxes, _ = crop_boxes(torch.rand(4000, DRAWS, dtype=torch.float64), sizes[:, 0].repeat(1000),
+                          sizes[:, 1].repeat(1000), SCALE)
+    hw = sizes.repeat(1000, 1)
+    assert ((boxes[:, 0] + boxes[:, 2]) <= hw[:, 0]).all() and ((boxes[:, 1] + boxes[:, 3]) <= hw[:, 1]).all()
+
+
+@pytest.mark.parametrize("mode", ["loader", "device"])
+def test_a_run_on_image_files_with_either_path(mode, tiny, tmp_path):
+    import json as _json
+    from PIL import Image
+    from main import main
+    rng = np.random.RandomState(0)
+    for split, n in (("train", 6), ("test", 3)):
+        for c in range(4):
+            (tmp_path / "d" / split / f"c{c}").mkdir(parents=True)
+            for k in range(n):
+                h, w = 20 + 3 * k, 28 - 2 * k
+                Image.fromarray(rng.randint(0, 256, (h, w, 3)).astype(np.uint8)).save(
+                    tmp_path / "d" / split / f"c{c}" / f"{k}.jpg")
+    cfg = dict(tiny, dataset="imagenetr", data_path=str(tmp_path / "d"), augment_on=mode, train_per_class=None,
+               test_per_class=None, shift_tasks=[1])
+    p = tmp_path / "c.json"
+    p.write_text(_json.dumps(cfg))
+    assert main([f"--config={p}"]) == 0
+    (run,) = (tmp_path / "logs").iterdir()
+    m = _json.loads((run / "metrics.json").read_text())
+    assert len(m["A"]) == 2 and _json.loads((run / "config.json").read_text())["augment_on"] == mode

@@ -15,7 +15,6 @@ batch an image falls in.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import Optional, Sequence
 
 import numpy as np
@@ -39,38 +38,35 @@ def hashed_uniforms(seeds: np.ndarray, n: int) -> np.ndarray:
 
 
 # ---- crop boxes ---------------------------------------------------------------------------------------
-def crop_boxes(u: torch.Tensor, height: int, width: int, scale: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """RandomResizedCrop boxes from uniforms ``u`` (N, DRAWS): (top, left, h, w) as an (N, 4) long tensor,
-    and the flip flags (N,). The first try whose box fits wins; none: the central crop of torchvision's
-    fallback."""
+def crop_boxes(u: torch.Tensor, height, width, scale: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """RandomResizedCrop boxes from uniforms ``u`` (N, DRAWS) for images of ``height`` x ``width`` (ints, or
+    (N,) tensors: one size per image): (top, left, h, w) as an (N, 4) long tensor, and the flip flags (N,).
+    The first try whose box fits wins; none: the central crop of torchvision's fallback."""
     u = u.double()
     n = u.shape[0]
+    H = torch.as_tensor(height, dtype=torch.float64).expand(n)[:, None]
+    W = torch.as_tensor(width, dtype=torch.float64).expand(n)[:, None]
     tries = u[:, :4 * TRIES].view(n, TRIES, 4)
-    area = height * width * (scale[0] + (scale[1] - scale[0]) * tries[..., 0])
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * tries[..., 0])
     ratio = torch.exp(LOG_RATIO[0] + (LOG_RATIO[1] - LOG_RATIO[0]) * tries[..., 1])
-    w = torch.round(torch.sqrt(area * ratio)).long()   # round half to even, as Python's round
-    h = torch.round(torch.sqrt(area / ratio)).long()
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    top = torch.floor(tries[..., 2] * (height - h + 1).clamp_min(1)).long()
-    left = torch.floor(tries[..., 3] * (width - w + 1).clamp_min(1)).long()
-    first = torch.where(ok.any(1), ok.double().argmax(1), torch.full((n,), -1, dtype=torch.long))
-    fh, fw = _fallback(height, width)
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw])
-    pick = first.clamp_min(0)[:, None]
-    boxes = torch.stack([top.gather(1, pick)[:, 0], left.gather(1, pick)[:, 0],
-                         h.gather(1, pick)[:, 0], w.gather(1, pick)[:, 0]], 1)
-    boxes = torch.where((first >= 0)[:, None], boxes, fallback.expand(n, 4))
-    return boxes, u[:, 4 * TRIES] < 0.5
+    w = torch.round(torch.sqrt(area * ratio))   # round half to even, as Python's round
+    h = torch.round(torch.sqrt(area / ratio))
+    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    top = torch.floor(tries[..., 2] * (H - h + 1).clamp_min(1))
+    left = torch.floor(tries[..., 3] * (W - w + 1).clamp_min(1))
+    pick = ok.double().argmax(1, keepdim=True)
+    boxes = torch.cat([top.gather(1, pick), left.gather(1, pick), h.gather(1, pick), w.gather(1, pick)], 1)
+    boxes = torch.where(ok.any(1, keepdim=True), boxes, _fallback(H[:, 0], W[:, 0]))
+    return boxes.long(), u[:, 4 * TRIES] < 0.5
 
 
-def _fallback(height: int, width: int) -> tuple[int, int]:
-    in_ratio = width / height
+def _fallback(H: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """torchvision's central crop when no try fits: the whole image, its ratio clipped to [3/4, 4/3]."""
     lo, hi = math.exp(LOG_RATIO[0]), math.exp(LOG_RATIO[1])
-    if in_ratio < lo:
-        return int(round(width / lo)), width
-    if in_ratio > hi:
-        return height, int(round(height * hi))
-    return height, width
+    in_ratio = W / H
+    h = torch.where(in_ratio < lo, torch.round(W / lo), H)
+    w = torch.where(in_ratio > hi, torch.round(H * hi), W)
+    return torch.stack([torch.floor((H - h) / 2), torch.floor((W - w) / 2), h, w], 1)
 
 
 # ---- resampling weights -------------------------------------------------------------------------------
@@ -85,25 +81,29 @@ def _bicubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
     return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
-def resize_weights(in_size: torch.Tensor, out_size: int, full: int, offset: torch.Tensor,
+def resize_weights(in_size: torch.Tensor, in_offset: torch.Tensor, n_out: int, full: int,
+                   out_total: Optional[torch.Tensor] = None, out_offset: Optional[torch.Tensor] = None,
                    kernel: str = "bilinear") -> torch.Tensor:
-    """(N, out_size, full) matrices that resize the span [offset, offset + in_size) of an axis of length
-    ``full`` to ``out_size`` samples with torch's antialiased weights (align_corners=False): for output i,
-    center c = s (i + 0.5), s = in/out, support = k/2 * max(s, 1), taps j in [int(c - support + 0.5),
-    int(c + support + 0.5)) within the span, weight filter((j - c + 0.5) / max(s, 1)), normalised."""
+    """(N, n_out, full) matrices: per image, the span [in_offset, in_offset + in_size) of an axis of length
+    ``full`` resized to ``out_total`` samples (default n_out), of which rows out_offset .. out_offset + n_out
+    are kept (a center crop after the resize). Torch's antialiased weights (align_corners=False): for
+    output o, center c = s (o + 0.5), s = in/out, support = k/2 max(s, 1), taps j in [int(c - support + 0.5),
+    int(c + support + 0.5)) of the span, weight filter((j - c + 0.5) / max(s, 1)), normalised."""
     fn, half = (_bilinear, 1.0) if kernel == "bilinear" else (_bicubic, 2.0)
     dev = in_size.device
     size = in_size.double()[:, None, None]                              # (N, 1, 1)
-    s = size / out_size
+    total = size.new_full(size.shape, float(n_out)) if out_total is None else out_total.double()[:, None, None]
+    first = 0.0 if out_offset is None else out_offset.double()[:, None, None]
+    s = size / total
     stretch = s.clamp_min(1.0)
     support = half * stretch
-    c = s * (torch.arange(out_size, dtype=torch.float64, device=dev)[None, :, None] + 0.5)   # (N, out, 1)
-    j = torch.arange(full, dtype=torch.float64, device=dev)[None, None, :] - offset.double()[:, None, None]
+    c = s * (first + torch.arange(n_out, dtype=torch.float64, device=dev)[None, :, None] + 0.5)  # (N, out, 1)
+    j = torch.arange(full, dtype=torch.float64, device=dev)[None, None, :] - in_offset.double()[:, None, None]
     lo = torch.trunc(c - support + 0.5).clamp_min(0)
     hi = torch.minimum(torch.trunc(c + support + 0.5), size)
     w = fn((j - c + 0.5) / stretch) * ((j >= lo) & (j < hi))
-    total = w.sum(-1, keepdim=True)
-    return (w / torch.where(total != 0, total, torch.ones_like(total))).float()
+    norm = w.sum(-1, keepdim=True)
+    return (w / torch.where(norm != 0, norm, torch.ones_like(norm))).float()
 
 
 def resample(x: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor) -> torch.Tensor:
@@ -134,33 +134,31 @@ class DeviceAugment:
             return torch.from_numpy(hashed_uniforms(seeds, DRAWS))
         return torch.rand(n, DRAWS, dtype=torch.float64)
 
-    def train(self, x: torch.Tensor, seeds: Optional[np.ndarray] = None) -> torch.Tensor:
-        """RandomResizedCrop(size, scale) + flip of every image of the uint8 batch x (N, C, H, W)."""
+    def train(self, x: torch.Tensor, seeds: Optional[np.ndarray] = None,
+              sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """RandomResizedCrop(size, scale) + flip of every image of the uint8 batch x (N, C, H, W); ``sizes``
+        (N, 2): each image's own height and width when the batch is padded (file datasets)."""
         n, _, height, width = x.shape
-        boxes, flip = crop_boxes(self.uniforms(n, seeds), height, width, self.scale)
+        hs, ws = (height, width) if sizes is None else (sizes[:, 0].cpu(), sizes[:, 1].cpu())
+        boxes, flip = crop_boxes(self.uniforms(n, seeds), hs, ws, self.scale)
         boxes, flip = boxes.to(x.device), flip.to(x.device)
-        wy = resize_weights(boxes[:, 2], self.size, height, boxes[:, 0])
-        wx = resize_weights(boxes[:, 3], self.size, width, boxes[:, 1])
+        wy = resize_weights(boxes[:, 2], boxes[:, 0], self.size, height)
+        wx = resize_weights(boxes[:, 3], boxes[:, 1], self.size, width)
         wx = torch.where(flip[:, None, None], wx.flip(1), wx)  # a flip reverses the output columns
         return self._normalize(resample(x, wy, wx))
 
-    def test(self, x: torch.Tensor) -> torch.Tensor:
+    def test(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Resize(round(size * 256 / 224), bicubic, antialias) + CenterCrop(size)."""
         n, _, height, width = x.shape
-        wy, wx = _test_weights(height, width, self.size)
-        return self._normalize(resample(x, wy.to(x.device).expand(n, -1, -1), wx.to(x.device).expand(n, -1, -1)))
-
-
-@lru_cache(maxsize=8)
-def _test_weights(height: int, width: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize's shorter side to round(size * 256 / 224) (the other in proportion, as torchvision), then the
-    rows and columns a CenterCrop(size) keeps."""
-    short = int(round(size * 256 / 224))
-    if height <= width:
-        rh, rw = short, int(short * width / height)
-    else:
-        rh, rw = int(short * height / width), short
-    wy = resize_weights(torch.tensor([height]), rh, height, torch.tensor([0]), "bicubic")[0]
-    wx = resize_weights(torch.tensor([width]), rw, width, torch.tensor([0]), "bicubic")[0]
-    top, left = int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))
-    return wy[top:top + size][None], wx[left:left + size][None]
+        if sizes is None:
+            sizes = torch.tensor([[height, width]], device=x.device).expand(n, 2)
+        H, W = sizes[:, 0].double(), sizes[:, 1].double()
+        short = float(int(round(self.size * 256 / 224)))
+        # torchvision's Resize(int): the shorter side to `short`, the longer int(short * long / shorter)
+        rh = torch.where(W <= H, torch.floor(short * H / W), torch.full_like(H, short))
+        rw = torch.where(W <= H, torch.full_like(W, short), torch.floor(short * W / H))
+        top, left = torch.round((rh - self.size) / 2), torch.round((rw - self.size) / 2)
+        zero = torch.zeros_like(H)
+        wy = resize_weights(H, zero, self.size, height, rh, top, "bicubic")
+        wx = resize_weights(W, zero, self.size, width, rw, left, "bicubic")
+        return self._normalize(resample(x, wy, wx))

@@ -132,9 +132,10 @@ class Config:
     crop_scale: list[float] = _key(None, "RandomResizedCrop scale range",
                                    default_factory=lambda: [0.05, 1.0], check=_scale)
     augment_on: Literal["auto", "device", "loader"] = _key(
-        "auto", "where images are cropped, resized and flipped: \"device\" (in-memory datasets: the uint8 images "
-        "on the device once, each batch augmented there in one op), \"loader\" (per image in the DataLoader, "
-        "torchvision), \"auto\" (device when the dataset is in memory, else loader)")
+        "auto", "where images are cropped, resized and flipped: \"device\" (each batch there in one op; in-memory "
+        "datasets live on the device, image files are read by the workers and JPEGs decoded on the GPU under "
+        "CUDA), \"loader\" (per image in the DataLoader, torchvision), \"auto\" (device when the dataset is "
+        "in memory, else loader)")
     shift_tasks: list[int] = _key(
         None, "tasks whose train and test images are shown greyscale and inverted (a stream where some tasks "
         "need new features); [] for none", default_factory=list, check=_task_list)

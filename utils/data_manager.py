@@ -45,7 +45,7 @@ def _per_class_subset(y: np.ndarray, k: Optional[int], seed: int) -> np.ndarray:
     return np.sort(np.asarray(keep, dtype=np.int64))
 
 
-def _load_image(path: str) -> torch.Tensor:
+def load_image(path: str) -> torch.Tensor:
     from PIL import Image
     with Image.open(path) as im:
         arr = np.asarray(im.convert("RGB"))
@@ -56,7 +56,7 @@ def shift_appearance(img: torch.Tensor) -> torch.Tensor:
     """The ``shift_tasks`` appearance change of a uint8 (3, H, W) image: greyscale (ITU-R 601 luma,
     rounded), then inverted (255 - v), in all three channels. Fixed and strong: the pretrained
     features of a shifted image differ from those of the plain one, while its class stays recognisable."""
-    w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32).view(3, 1, 1)
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32, device=img.device).view(3, 1, 1)
     luma = (img.float() * w).sum(0).round().clamp(0, 255).to(torch.uint8)
     return (255 - luma).expand(3, *luma.shape).clone()
 
@@ -86,7 +86,7 @@ class TaskDataset(Dataset):
     def __getitem__(self, key: int):
         epoch, i = divmod(int(key), len(self.labels))
         x = self.images[i]
-        img = _load_image(x) if isinstance(x, str) else torch.from_numpy(x).permute(2, 0, 1)
+        img = load_image(x) if isinstance(x, str) else torch.from_numpy(x).permute(2, 0, 1)
         if self.shifted is not None and self.shifted[i]:
             img = shift_appearance(img)
         if self.augment_seed is None:

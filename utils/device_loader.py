@@ -1,9 +1,11 @@
-"""Batches of an in-memory dataset made on the device (``augment_on: "device"``).
+"""Batches augmented on the device (``augment_on: "device"``).
 
-The task's uint8 images are copied to the device once, when the loader is made (``shift_tasks``
-applied there); each batch is a gather of those images and one ``DeviceAugment`` call. The order of
-the images is the one the DataLoader path gives: a DataLoader over the indices alone, with the same
-generator, sampler and batch size, decides it. No worker processes, no per-item Python transform.
+In-memory datasets: the task's uint8 images are copied to the device once, when the loader is made
+(``shift_tasks`` applied there); each batch is a gather of those images and one ``DeviceAugment`` call,
+with no worker process and no per-item Python transform. Image files: the workers read them (and
+decode them, except JPEGs on CUDA, which are decoded on the GPU in one batched call); a batch of
+different sizes is padded, and each image's own size bounds its crop. The order of the images is the
+one the DataLoader path gives: a DataLoader with the same generator, sampler and batch size decides it.
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from utils.augment import DeviceAugment
-from utils.data_manager import EpochSampler, TaskDataset, sample_seed, shift_appearance
+from utils.data_manager import EpochSampler, TaskDataset, load_image, sample_seed, shift_appearance
+
+JPEG = (".jpg", ".jpeg")
 
 
 class _Keys(Dataset):
@@ -40,13 +44,58 @@ def device_images(ds: TaskDataset, device: torch.device) -> torch.Tensor:
     return x.contiguous().to(device)
 
 
+class _Files(Dataset):
+    """Item k: (the image of key k, as uint8 (3, H, W), or its JPEG bytes with ``encoded``; label; key)."""
+
+    def __init__(self, ds: TaskDataset, encoded: bool):
+        self.ds, self.encoded = ds, encoded
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: int):
+        i = int(key) % len(self.ds)
+        path = self.ds.images[i]
+        if self.encoded:
+            from torchvision.io import read_file
+            img = read_file(path)
+        else:
+            img = load_image(path)
+            if self.ds.shifted is not None and self.ds.shifted[i]:
+                img = shift_appearance(img)
+        return img, int(self.ds.labels[i]), int(key)
+
+
+def _collate(items):
+    images, labels, keys = zip(*items)
+    return list(images), torch.tensor(labels), torch.tensor(keys)
+
+
+def pad_batch(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of different sizes in one zero-padded (N, 3, H_max, W_max) uint8 tensor, and their sizes (N, 2)."""
+    sizes = torch.tensor([im.shape[1:] for im in images], device=images[0].device)
+    out = images[0].new_zeros(len(images), 3, int(sizes[:, 0].max()), int(sizes[:, 1].max()))
+    for k, im in enumerate(images):
+        out[k, :, :im.shape[1], :im.shape[2]] = im
+    return out, sizes
+
+
 class DeviceLoader:
     """An iterable of (x, y) on the device, x already augmented (train) or resized (test)."""
 
     def __init__(self, dataset: TaskDataset, batch_size: int, train: bool, augment: DeviceAugment,
                  device: torch.device, generator: Optional[torch.Generator] = None,
-                 sampler: Optional[EpochSampler] = None):
+                 sampler: Optional[EpochSampler] = None, workers: int = 0):
         self.dataset, self.sampler, self.train, self.augment = dataset, sampler, train, augment
+        self.device = device
+        self.files = not isinstance(dataset.images, np.ndarray)
+        if self.files:  # workers read (and decode) the files; JPEGs on CUDA are decoded on the GPU
+            self.gpu_decode = device.type == "cuda" and all(str(p).lower().endswith(JPEG) for p in dataset.images)
+            self.keys = DataLoader(_Files(dataset, self.gpu_decode), batch_size=batch_size,
+                                   shuffle=train and sampler is None, sampler=sampler, generator=generator,
+                                   num_workers=workers, collate_fn=_collate, persistent_workers=workers > 0,
+                                   prefetch_factor=4 if workers > 0 else None, pin_memory=device.type == "cuda")
+            return
         self.images = device_images(dataset, device)
         self.labels = torch.as_tensor(dataset.labels, dtype=torch.long).to(device)
         self.keys = DataLoader(_Keys(len(dataset)), batch_size=batch_size, shuffle=train and sampler is None,
@@ -63,7 +112,24 @@ class DeviceLoader:
         n = len(self.dataset)
         return np.array([sample_seed(seed, k // n, k % n) for k in keys.tolist()], dtype=np.uint64)
 
+    def _file_batches(self):
+        from torchvision.io import ImageReadMode, decode_jpeg
+        for images, labels, keys in self.keys:
+            if self.gpu_decode:
+                images = decode_jpeg(images, mode=ImageReadMode.RGB, device=self.device)
+                if self.dataset.shifted is not None:
+                    images = [shift_appearance(im) if self.dataset.shifted[k % len(self.dataset)] else im
+                              for im, k in zip(images, keys.tolist())]
+            else:
+                images = [im.to(self.device, non_blocking=True) for im in images]
+            x, sizes = pad_batch(images)
+            x = self.augment.train(x, self._seeds(keys), sizes) if self.train else self.augment.test(x, sizes)
+            yield x, labels.to(self.device, non_blocking=True)
+
     def __iter__(self):
+        if self.files:
+            yield from self._file_batches()
+            return
         n = len(self.dataset)
         for keys in self.keys:
             idx = (keys % n).to(self.images.device)
