@@ -25,11 +25,13 @@ from utils.config import (Config, ConfigError, build_config, check_device, descr
                           parse_overrides)
 from utils.data_manager import DataManager
 from utils.datasets import DataError, load_dataset
-from utils.io import CheckpointError, new_run_dir, save_json
+from utils.io import CheckpointError, RunFolderBusy, RunLock, WriteError, new_run_dir, save_json
 
-#: Exit codes: 0 done, 2 bad input (config, data, weights, checkpoint), 3 NaN/inf loss,
-#: 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, what a cluster sends before preemption).
+#: Exit codes: 0 done, 2 bad input (config, data, weights, checkpoint), 3 NaN/inf loss, 74 a write failed,
+#: 75 the run folder is busy, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, sent before preemption).
 EXIT_TERMINATED = 143
+EXIT_WRITE_FAILED = 74  # sysexits EX_IOERR: a file could not be written (full disk, lost mount)
+EXIT_BUSY = 75          # sysexits EX_TEMPFAIL: the run folder is held by a process still training it
 
 
 class Terminated(Exception):
@@ -91,6 +93,14 @@ make_data_manager = DataManager.for_config  # the name tests and scripts know
 def run_seed(cfg: Config, seed: int, data, device: torch.device) -> Path:
     """One seed of an experiment in a fresh run folder; returns the folder."""
     run_dir = new_run_dir(cfg.log_dir, f"{cfg.prefix}_{cfg.dataset}_{cfg.model_name}_{seed}")
+    lock = RunLock(run_dir).acquire()
+    try:
+        return _train_new(cfg, seed, data, device, run_dir)
+    finally:
+        lock.release()
+
+
+def _train_new(cfg: Config, seed: int, data, device: torch.device, run_dir: Path) -> Path:
     CURRENT_RUN[:] = [run_dir]
     save_json(run_dir / "config.json", dict(cfg.to_dict(), seed=seed))
     setup_logging(run_dir)
@@ -110,7 +120,7 @@ def resume(run_dir: Path, overrides: dict) -> Path:
     bad = sorted(set(overrides) - RESUME_KEYS)
     if bad:
         raise ConfigError(f"--resume cannot change {bad}: they alter the experiment; allowed: {sorted(RESUME_KEYS)}")
-    cfg_path, metrics_path = run_dir / "config.json", run_dir / "metrics.json"
+    cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"'{run_dir}' is not a run folder (no config.json)")
     raw = json.loads(cfg_path.read_text())
@@ -119,6 +129,15 @@ def resume(run_dir: Path, overrides: dict) -> Path:
     device = resolve_device(cfg.device)
     dist.init(device.type)  # before anything below asks which rank it is
     check_distributed(cfg)
+    lock = RunLock(run_dir).acquire()  # before any file of the folder is touched
+    try:
+        return _continue(run_dir, cfg, device)
+    finally:
+        lock.release()
+
+
+def _continue(run_dir: Path, cfg: Config, device: torch.device) -> Path:
+    metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {"A": []}
     done = len(metrics.get("A", metrics.get("til_A", []))) - 1  # til_A: a task-incremental run
     setup_logging(run_dir)
@@ -205,6 +224,12 @@ def _main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    except RunFolderBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BUSY
     return 0
 
 

@@ -143,3 +143,58 @@ def test_resume_of_a_folder_whose_config_no_longer_fits(tiny, tmp_path, capsys):
     assert main(["--resume", str(run_dir)]) == 2
     assert "do not fit its config.json" in capsys.readouterr().err
     assert (run_dir / "metrics.json").read_text() == metrics  # nothing lost
+
+
+# ---- two processes in one folder; a write that fails ---------------------------------------------------
+def config_with(tmp_path: Path, name: str, **keys) -> tuple[Path, Path]:
+    cfg, log_dir = config(tmp_path, name)
+    cfg.write_text(json.dumps(dict(json.loads(cfg.read_text()), **keys)))
+    return cfg, log_dir
+
+
+def test_a_second_resume_of_a_folder_still_training_is_refused(tmp_path, capsys):
+    from main import EXIT_BUSY
+    cfg, log_dir = config_with(tmp_path, "busy", epochs=40)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), f"--config={cfg}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while tasks_done(log_dir) < 1:
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        (run_dir,) = log_dir.iterdir()
+        before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+        assert main(["--resume", str(run_dir)]) == EXIT_BUSY
+        err = capsys.readouterr().err
+        assert f"pid {proc.pid}" in err and "in use by" in err
+        assert (run_dir / "train.log").stat().st_mtime_ns >= before["train.log"]  # the live run still logs
+    finally:
+        proc.kill()
+        proc.communicate()
+    # once the holder is gone (SIGKILL releases the lock) the folder resumes
+    assert main(["--resume", str(run_dir), "--max_tasks", "1"]) == 0
+
+
+def test_a_write_that_fails_keeps_every_saved_file_and_stops_with_its_own_code(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+    from main import EXIT_WRITE_FAILED
+    import utils.io as io
+    cfg, log_dir = config_with(tmp_path, "full", epochs=2)
+    real = os.replace
+
+    def replace(src, dst):  # the disk fills up when task 1's checkpoint is written
+        if str(dst).endswith("task_1.safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    assert main([f"--config={cfg}"]) == EXIT_WRITE_FAILED
+    err = capsys.readouterr().err
+    assert "task_1.safetensors" in err and "No space left on device" in err and "--resume" in err
+    (run_dir,) = log_dir.iterdir()
+    assert not list(run_dir.glob(".*.tmp"))
+    load_file(str(run_dir / "task_0.safetensors"))                      # saved before: whole
+    m = json.loads((run_dir / "metrics.json").read_text())               # metrics of task 1 were written first
+    assert len(m["A"]) == 2 and not (run_dir / "task_1.safetensors").exists()
+    monkeypatch.setattr(io.os, "replace", real)

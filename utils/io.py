@@ -1,8 +1,10 @@
 """Atomic file writes, safetensors checkpoints and run folders: nothing half-written survives a crash."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -21,14 +23,64 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # full disk, lost mount, read-only file system: the old file (if any) is untouched
+        raise WriteError(f"could not write '{path}': {e.strerror or e}. Every file saved before it is intact; "
+                         f"free space or fix the mount, then continue with python main.py --resume "
+                         f"{path.parent}") from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp is not None and os.path.exists(tmp):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+class WriteError(OSError):
+    """A file of the run could not be written; nothing saved before it was touched."""
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process holds the run folder (it is still training it)."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``RUN_DIR/.lock``, flock) for as long as a process trains it: a
+    second process (a ``--resume`` of a folder still training) is refused, and told which process holds it.
+    The kernel drops the lock when its process ends, however it ends (SIGKILL included)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        if not dist.is_main():  # one run, one lock: rank 0 holds it for every process of a torchrun
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                raise RunFolderBusy(f"run folder '{self.path.parent}' is in use by {holder}; wait for it to "
+                                    "finish or stop it, then --resume") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
 
 
 def save_json(path: Path, obj: Any) -> None:
