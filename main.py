@@ -25,6 +25,7 @@ from utils.config import (Config, ConfigError, build_config, check_device, descr
                           parse_overrides)
 from utils.data_manager import DataManager
 from utils.datasets import DataError, load_dataset
+from utils.tracking import TrackingError, check_loggers
 from utils.io import CheckpointError, RunFolderBusy, RunLock, WriteError, new_run_dir, save_json
 
 #: Exit codes: 0 done, 2 bad input (config, data, weights, checkpoint), 3 NaN/inf loss, 74 a write failed,
@@ -207,12 +208,13 @@ def _main(argv: list[str] | None = None) -> int:
         check_distributed(cfg)
         check_device(cfg, device.type)  # before any work: no run folder yet
         check_writable(cfg.log_dir)
+        check_loggers(cfg.loggers)
         data = load_dataset(cfg)
         for seed in cfg.seeds:  # task splits that cannot be made stop here, not after a run folder exists
             make_data_manager(cfg, data, seed)
         for seed in cfg.seeds:
             run_seed(replace(cfg, seed=seed), seed, data, device)
-    except (ConfigError, DataError, BackboneError, CheckpointError) as e:
+    except (ConfigError, DataError, BackboneError, CheckpointError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as e:

@@ -65,7 +65,8 @@ P=(--dataset cifar100 --data_path "$SHARED/data/cifar100/cifar100.npz" --downloa
    --backbone_type vit_small_patch14_dinov2
    --pretrained_path "$SHARED/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors"
    --img_size 112 --init_cls 10 --increment 10 --train_per_class 50 --test_per_class 20
-   --epochs 5 --batch_size 32 --num_workers 0 --progress false)
+   --epochs 5 --batch_size 32 --num_workers 0 --progress false
+   --augment_on loader)  # the README's tables were run with per-image torchvision transforms
 
 if [ "${1:-}" = "scan" ]; then
   shift

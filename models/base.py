@@ -34,6 +34,7 @@ from utils.metrics import summarize, topk_correct
 from utils.optim import build_optimizer, build_scheduler
 from utils.augment import DeviceAugment
 from utils.device_loader import DeviceLoader
+from utils.tracking import Tracker
 from utils.transforms import build_transforms
 
 log = logging.getLogger("cl")
@@ -98,6 +99,8 @@ class Learner:
         self.metrics: dict = {k: [] for k in (
             "accuracy_matrix", "A", "old_accuracy", "new_accuracy", "top5", "active_adapters",
             "adapter_params", "train_seconds", "train_steps", "eval_seconds")}
+        self.tracker = Tracker(cfg.loggers, self.run_dir, cfg.to_dict())
+        self.task_epochs = 0  # epochs run in the task in progress, every phase counted (the trackers' step)
         self.task_steps = 0  # optimiser steps of the task in progress (metrics: train_steps, the compute a rule spends)
         self.trained_by: dict[int, int] = {}  # task -> the earlier adapter it reopened (skip_mode "reuse")
         self._check_subspace()
@@ -183,6 +186,10 @@ class Learner:
         """Freeze the task's adapter: from now on it is one of the stacked, frozen ones."""
         if self.uses_adapters:
             self.net.backbone.freeze_current()
+
+    def epoch_scalars(self) -> dict[str, float]:
+        """Method-specific scalars the trackers log after each epoch (``loggers``)."""
+        return {}
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         """Method-specific tensors saved in each task's checkpoint."""
@@ -313,6 +320,10 @@ class Learner:
                     f"are saved in {self.run_dir}. Lower 'lrate' or check the data.")
             log.info(f"{desc}, Epoch {epoch + 1}/{epochs} => Loss {mean_loss:.3f}, "
                      f"Train_accy {100.0 * float(correct) / max(seen, 1):.2f}")
+            self.task_epochs += 1
+            self.tracker.epoch(task, 1000 * task + self.task_epochs, desc, dict(
+                {"train/loss": mean_loss, "train/accuracy": 100.0 * float(correct) / max(seen, 1)},
+                **self.epoch_scalars()))
             if on_epoch is not None and on_epoch(epoch + 1):
                 return
 
@@ -382,6 +393,9 @@ class Learner:
             m.setdefault("subspace_gamma", []).append([round(float(g), 4) for g in torch.sigmoid(split)])
             log.info(f"Subspace split of task {task}, gamma per block (share of z on B): {m['subspace_gamma'][-1]}")
         save_json(self.run_dir / "metrics.json", self.saved_metrics())
+        self.tracker.task(task, {"task/A": res["total"], "task/old_accuracy": res["old"],
+                                 "task/new_accuracy": res["new"], "task/active_adapters": len(active),
+                                 "task/train_seconds": train_s})
         grouped = dict(res["grouped"], total=round(res["total"], 2),
                        old=None if res["old"] is None else round(res["old"], 2), new=round(res["new"], 2))
         tag = "TIL" if self.metric_prefix else "CNN"
@@ -483,19 +497,26 @@ class Learner:
     # ---- the task loop ---------------------------------------------------------------------------
     def run(self, dm: DataManager, start: int = 0) -> dict:
         """Train and evaluate tasks ``start``..end; metrics.json and checkpoints after every task."""
-        for task in range(start, dm.n_tasks):
-            seed_everything(task_seed(self.seed, task))
-            lo, hi = dm.task_range(task)
-            self._n_new = hi - lo
-            log.info(f"Learning on {lo}-{hi} (task {task + 1}/{dm.n_tasks})")
-            self.begin_task(task, hi - lo)
-            self.task_steps = 0
-            t0 = time.perf_counter()
-            self.train_task(task, self.loader(dm.train_set(task, self.train_tf), train=True, task=task))
-            self.end_task(task)
-            t1 = time.perf_counter()
-            res = self.evaluate(dm, task)
-            t2 = time.perf_counter()
-            self.record(task, res, t1 - t0, t2 - t1)
-            self.save_task(task)
+        try:
+            for task in range(start, dm.n_tasks):
+                self._run_task(dm, task)
+        finally:
+            self.tracker.close()
         return self.metrics
+
+    def _run_task(self, dm: DataManager, task: int) -> None:
+        """One task: seed, structure, training, evaluation, record, checkpoint."""
+        seed_everything(task_seed(self.seed, task))
+        lo, hi = dm.task_range(task)
+        self._n_new = hi - lo
+        log.info(f"Learning on {lo}-{hi} (task {task + 1}/{dm.n_tasks})")
+        self.begin_task(task, hi - lo)
+        self.task_steps = self.task_epochs = 0
+        t0 = time.perf_counter()
+        self.train_task(task, self.loader(dm.train_set(task, self.train_tf), train=True, task=task))
+        self.end_task(task)
+        t1 = time.perf_counter()
+        res = self.evaluate(dm, task)
+        t2 = time.perf_counter()
+        self.record(task, res, t1 - t0, t2 - t1)
+        self.save_task(task)

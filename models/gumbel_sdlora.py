@@ -89,6 +89,14 @@ class GumbelSDLoRA(Learner):
             return c.growth_cost
         return c.growth_cost / self.served(latest)
 
+    def epoch_scalars(self) -> dict[str, float]:
+        """The temperature and, while the new adapter is gated, its beta at the epoch's last step."""
+        out = {"gate/tau": float(self.gate.tau)}
+        beta, gated = self.net.backbone.last_beta, self.gate.gated_tasks()
+        if beta is not None and self.gate.current in gated:
+            out["gate/beta_new"] = float(beta.detach()[:, gated.index(self.gate.current)].mean())
+        return out
+
     def _alpha_l2(self) -> torch.Tensor:
         alphas = [a for a in self.gate.alpha.values() if a.requires_grad]
         if not alphas:

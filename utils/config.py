@@ -68,6 +68,12 @@ def _targets(v) -> Optional[str]:
     return None
 
 
+def _loggers(v) -> Optional[str]:
+    if any(n not in ("tensorboard", "wandb", "csv") for n in v) or len(set(v)) != len(v):
+        return 'must be a list of distinct "tensorboard", "wandb", "csv"'
+    return None
+
+
 def _task_list(v) -> Optional[str]:
     if any(t < 0 for t in v) or len(set(v)) != len(v):
         return "must be a list of distinct task indices >= 0"
@@ -113,6 +119,9 @@ class Config:
                                       "at most 8)", check=_non_negative)
     progress: Union[bool, Literal["auto"]] = _key("auto", "tqdm progress bars: true, false, or auto (only when "
                                                   "the output is a terminal, not in a redirected log)")
+    loggers: list[str] = _key(None, "experiment tracking: any of \"tensorboard\" (RUN_DIR/tb), \"wandb\" (offline), "
+                              "\"csv\" (RUN_DIR/epochs.csv, tasks.csv); pip install -e \".[tracking]\"",
+                              default_factory=list, check=_loggers)
     save_adapters: bool = _key(True, "save per-task adapter, gate and head tensors (safetensors)")
     max_tasks: Optional[int] = _key(None, "stop after this many tasks (quick runs)", check=_positive)
 
