@@ -29,11 +29,12 @@ from backbone.vit import LoRAViT, create_vit
 from utils.config import Config, ConfigError, check_device
 from utils import dist
 from utils.data_manager import DataManager, EpochSampler, TaskDataset
-from utils.io import CheckpointError, load_tensors, save_json, save_tensors
-from utils.metrics import summarize, topk_correct
+from utils.io import CheckpointError, load_tensors, save_tensors
+from utils.metrics import topk_correct
 from utils.optim import build_optimizer, build_scheduler
 from utils.augment import DeviceAugment
 from utils.device_loader import DeviceLoader
+from utils.run_metrics import RunMetrics
 from utils.tracking import Tracker
 from utils.transforms import build_transforms
 
@@ -80,8 +81,6 @@ class Learner:
     # "til_": accuracies measured with the task identity given are saved as til_* keys, never as the
     # class-incremental A, A_last, ...
     metric_prefix: ClassVar[str] = ""
-    ACCURACY_KEYS: ClassVar[tuple] = ("accuracy_matrix", "A", "old_accuracy", "new_accuracy", "top5",
-                                      "A_last", "A_avg", "forgetting")
     default_alpha: ClassVar[float] = 0.8
 
     def __init__(self, cfg: Config, device: torch.device, run_dir: Path, seed: int):
@@ -96,9 +95,7 @@ class Learner:
         std = vit.pretrained_cfg.get("std") if cfg.normalize else None
         self.train_tf, self.test_tf = build_transforms(cfg.img_size, cfg.crop_scale, mean, std)
         self.device_augment = DeviceAugment(cfg.img_size, cfg.crop_scale, mean, std)
-        self.metrics: dict = {k: [] for k in (
-            "accuracy_matrix", "A", "old_accuracy", "new_accuracy", "top5", "active_adapters",
-            "adapter_params", "train_seconds", "train_steps", "eval_seconds")}
+        self.book = RunMetrics(self.run_dir, self.metric_prefix)
         self.tracker = Tracker(cfg.loggers, self.run_dir, cfg.to_dict())
         self.task_epochs = 0  # epochs run in the task in progress, every phase counted (the trackers' step)
         self.task_steps = 0  # optimiser steps of the task in progress (metrics: train_steps, the compute a rule spends)
@@ -374,59 +371,35 @@ class Learner:
     def active_adapters(self) -> list[int]:
         return self.gate.active_tasks() if self.uses_adapters else []
 
+    @property
+    def metrics(self) -> dict:
+        """The run's metrics so far (utils/run_metrics.py), as recorded after each task."""
+        return self.book.values
+
     def record(self, task: int, res: dict, train_s: float, eval_s: float) -> None:
-        m = self.metrics
-        m["accuracy_matrix"].append(res["per_task"])
-        m["A"].append(res["total"])
-        m["old_accuracy"].append(res["old"])
-        m["new_accuracy"].append(res["new"])
-        m["top5"].append(res["top5"])
+        """Record a task's evaluation and costs, save metrics.json, tell the trackers, log."""
         active = self.active_adapters()
-        m["active_adapters"].append(len(active))
-        m["adapter_params"].append(self.net.backbone.adapter_param_count(active))
-        m["train_seconds"].append(train_s)
-        m.setdefault("train_steps", []).append(self.task_steps)
-        m["eval_seconds"].append(eval_s)
-        m.update(summarize(m["accuracy_matrix"], m["A"]))
+        self.book.record(res, active, self.net.backbone.adapter_param_count(active),
+                         train_s, self.task_steps, eval_s)
+        m = self.metrics
         split = self.net.backbone.subspace_stored.get(task, {}).get("subspace.split") if self.uses_adapters else None
         if split is not None:  # SubLoRA learned allocation: gamma_l, the share of block l's z that feeds B
             m.setdefault("subspace_gamma", []).append([round(float(g), 4) for g in torch.sigmoid(split)])
             log.info(f"Subspace split of task {task}, gamma per block (share of z on B): {m['subspace_gamma'][-1]}")
-        save_json(self.run_dir / "metrics.json", self.saved_metrics())
+        self.book.save()
         self.tracker.task(task, {"task/A": res["total"], "task/old_accuracy": res["old"],
                                  "task/new_accuracy": res["new"], "task/active_adapters": len(active),
                                  "task/train_seconds": train_s})
-        grouped = dict(res["grouped"], total=round(res["total"], 2),
-                       old=None if res["old"] is None else round(res["old"], 2), new=round(res["new"], 2))
-        tag = "TIL" if self.metric_prefix else "CNN"
-        log.info(f"{tag}: {grouped}")
-        log.info(f"{tag} top1 curve: {[round(a, 2) for a in m['A']]}")
-        log.info(f"{tag} top5 curve: {[round(a, 2) for a in m['top5']]}")
-        log.info(f"Average Accuracy ({tag}): {m['A_avg']:.2f}")
-        log.info("Accuracy matrix (row t: accuracy on tasks 0..t after task t):\n" + "\n".join(
-            " ".join(f"{a:6.2f}" for a in row) for row in m["accuracy_matrix"]))
-        log.info(f"Forgetting ({tag}): {m['forgetting']:.2f}")
-        if self.uses_adapters:
-            log.info(f"Active adapters: {len(active)}/{task + 1}, stored adapter parameters: "
-                     f"{m['adapter_params'][-1]:,}")
-
-    def _saved_name(self, key: str) -> str:
-        if not self.metric_prefix or key not in self.ACCURACY_KEYS:
-            return key
-        return self.metric_prefix + ("accuracy" if key == "accuracy_matrix" else key)
+        self.book.log_task(res, active if self.uses_adapters else None, task)
 
     def saved_metrics(self) -> dict:
-        """The metrics as metrics.json holds them (accuracy keys prefixed by ``metric_prefix``)."""
-        return {self._saved_name(k): v for k, v in self.metrics.items()}
+        return self.book.saved()
 
     def load_metrics(self, saved: dict) -> None:
-        """Take back a metrics.json written by ``saved_metrics`` (resume)."""
-        back = {self._saved_name(k): k for k in self.metrics}
-        self.metrics = {back.get(k, k): v for k, v in saved.items()}
+        self.book.load(saved)
 
     def headline(self) -> str:
-        m, p = self.metrics, self.metric_prefix
-        return f"{p}A_last {m['A_last']:.2f}, {p}A_avg {m['A_avg']:.2f}, {p}forgetting {m['forgetting']:.2f}"
+        return self.book.headline()
 
     def checkpoint_tensors(self, task: int) -> dict[str, torch.Tensor]:
         """Task ``task``'s adapter, the whole head and the gate, as plain tensors."""

@@ -1,0 +1,82 @@
+"""A run's metrics.json: what is recorded after each task, how it is saved, loaded back and summarised.
+
+The accuracy keys take a prefix where the task identity is given at evaluation (``til_``: saved as
+til_accuracy, til_A, til_A_last, ...), so that they are never read as class-incremental numbers.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from utils.io import save_json
+from utils.metrics import summarize
+
+log = logging.getLogger("cl")
+
+ACCURACY_KEYS = ("accuracy_matrix", "A", "old_accuracy", "new_accuracy", "top5", "A_last", "A_avg", "forgetting")
+PER_TASK = ("accuracy_matrix", "A", "old_accuracy", "new_accuracy", "top5", "active_adapters", "adapter_params",
+            "train_seconds", "train_steps", "eval_seconds")
+
+
+class RunMetrics:
+    """The metrics of one run, recorded task by task and written to ``run_dir/metrics.json`` each time."""
+
+    def __init__(self, run_dir: Path, prefix: str = ""):
+        self.path = Path(run_dir) / "metrics.json"
+        self.prefix = prefix
+        self.values: dict = {k: [] for k in PER_TASK}
+
+    def record(self, res: dict, active: Optional[list], adapter_params: int, train_s: float, train_steps: int,
+               eval_s: float) -> None:
+        """Append one task's evaluation (``Learner.evaluate``) and costs, update the summaries, save."""
+        m = self.values
+        m["accuracy_matrix"].append(res["per_task"])
+        m["A"].append(res["total"])
+        m["old_accuracy"].append(res["old"])
+        m["new_accuracy"].append(res["new"])
+        m["top5"].append(res["top5"])
+        m["active_adapters"].append(len(active or []))
+        m["adapter_params"].append(adapter_params)
+        m["train_seconds"].append(train_s)
+        m.setdefault("train_steps", []).append(train_steps)
+        m["eval_seconds"].append(eval_s)
+        m.update(summarize(m["accuracy_matrix"], m["A"]))
+
+    def save(self) -> None:
+        save_json(self.path, self.saved())
+
+    def log_task(self, res: dict, active: Optional[list], task: int) -> None:
+        """The log lines of the published code's format (grouped accuracy, curves, matrix, forgetting)."""
+        m = self.values
+        grouped = dict(res["grouped"], total=round(res["total"], 2),
+                       old=None if res["old"] is None else round(res["old"], 2), new=round(res["new"], 2))
+        tag = "TIL" if self.prefix else "CNN"
+        log.info(f"{tag}: {grouped}")
+        log.info(f"{tag} top1 curve: {[round(a, 2) for a in m['A']]}")
+        log.info(f"{tag} top5 curve: {[round(a, 2) for a in m['top5']]}")
+        log.info(f"Average Accuracy ({tag}): {m['A_avg']:.2f}")
+        log.info("Accuracy matrix (row t: accuracy on tasks 0..t after task t):\n" + "\n".join(
+            " ".join(f"{a:6.2f}" for a in row) for row in m["accuracy_matrix"]))
+        log.info(f"Forgetting ({tag}): {m['forgetting']:.2f}")
+        if active is not None:
+            log.info(f"Active adapters: {len(active)}/{task + 1}, stored adapter parameters: "
+                     f"{m['adapter_params'][-1]:,}")
+
+    def _saved_name(self, key: str) -> str:
+        if not self.prefix or key not in ACCURACY_KEYS:
+            return key
+        return self.prefix + ("accuracy" if key == "accuracy_matrix" else key)
+
+    def saved(self) -> dict:
+        """The metrics as metrics.json holds them (accuracy keys prefixed)."""
+        return {self._saved_name(k): v for k, v in self.values.items()}
+
+    def load(self, saved: dict) -> None:
+        """Take back a metrics.json written by ``saved`` (resume)."""
+        back = {self._saved_name(k): k for k in self.values}
+        self.values = {back.get(k, k): v for k, v in saved.items()}
+
+    def headline(self) -> str:
+        m, p = self.values, self.prefix
+        return f"{p}A_last {m['A_last']:.2f}, {p}A_avg {m['A_avg']:.2f}, {p}forgetting {m['forgetting']:.2f}"
