@@ -11,7 +11,9 @@ interleaved rounds (the median is printed), all in one process:
   compute   the method's network, forward + backward + step on one resident batch
   loader    the learner's own epoch with ``augment_on: "loader"`` (DataLoader, torchvision per image)
   device    the learner's own epoch with ``augment_on: "device"`` (uint8 images on the device, one op)
-and the ratios: each epoch to compute (how much the data path costs) and to plain.
+  ... data  each path's batches alone (no model): what the data path costs, as a share of the compute time
+and the ratios: each epoch to compute (how much the data path costs) and to plain. On a noisy machine the
+epoch ratios move by several per cent between runs; the data-only shares are the robust figure.
 """
 from __future__ import annotations
 
@@ -134,8 +136,13 @@ def main(argv=None) -> None:
             learner.fit(t, loaders[path], learner.param_groups(), 1, desc=f"bench task {t} ({path})")
             learner.cfg = cfg
 
+        def data_only(path):
+            for _ in loaders[path]:
+                pass
+
         runs = {"plain": plain, "compute": compute, "loader": lambda: epoch("loader"),
-                "device": lambda: epoch("device")}
+                "device": lambda: epoch("device"), "loader data": lambda: data_only("loader"),
+                "device data": lambda: data_only("device")}
         for fn in runs.values():  # warm-up (workers started, caches filled)
             fn()
         secs = {k: [] for k in runs}
@@ -144,6 +151,7 @@ def main(argv=None) -> None:
                 secs[k].append(timed(fn, device))
     med = {k: statistics.median(v) for k, v in secs.items()}
     rate = {k: (steps * bs if k in ("plain", "compute") else n_img) / med[k] for k in med}
+    share = {p: med[f"{p} data"] / med["compute"] for p in ("loader", "device")}
     print(f"# {cfg.model_name} {cfg.backbone_type} img {cfg.img_size} batch {cfg.batch_size} task {t} "
           f"({learner.gate.n_tasks if learner.uses_adapters else 0} adapters) device {device} "
           f"workers {cfg.workers} amp {cfg.amp}; {steps} steps, {n_img} images; median of {args.rounds} rounds "
@@ -155,7 +163,9 @@ def main(argv=None) -> None:
                      f"{rate['plain'] / rate[k]:.3f}x")
         elif k == "compute":
             extra = f"   / plain ViT {rate['plain'] / rate[k]:.3f}x"
-        print(f"{k:8s} {rate[k]:9.1f} img/s  ({med[k]:.2f} s){extra}")
+        elif k.endswith(" data"):
+            extra = f"   making the batches alone costs {100 * share[k.split()[0]]:.2f}% of the compute time"
+        print(f"{k:12s} {rate[k]:10.1f} img/s  ({med[k]:.3f} s){extra}")
 
 
 if __name__ == "__main__":
