@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from models.base import log
+from models.task_state import restore, snapshot
 from utils.data_manager import TaskDataset
 from utils.io import save_torch
 
@@ -64,28 +65,12 @@ class DriftGrowth:
         return torch.cat(outs), loss / max(n, 1)
 
     @torch.no_grad()
-    def start_state(self, adapter: int) -> dict[str, torch.Tensor]:
-        """Copies of what the trial changes: the head, every alpha, and the reopened adapter's factors."""
-        lr = self.learner
-        state = {f"head.{n}": p.detach().clone() for n, p in lr.net.head.named_parameters()}
-        state.update({f"alpha.{k}": a.detach().clone() for k, a in lr.gate.alpha.items()})
-        for i, layer in enumerate(lr.net.backbone.layers):
-            state[f"A.{i}"] = layer.lora_A[str(adapter)].detach().clone()
-            state[f"B.{i}"] = layer.lora_B[str(adapter)].detach().clone()
-        return state
-
-    @torch.no_grad()
     def undo_trial(self, task: int, adapter: int, state: dict[str, torch.Tensor]) -> None:
-        """Back to the task's start: adapter ``adapter`` frozen again with its factors as they were, task
-        ``task``'s own adapter current and active, head and alphas as the task began."""
+        """Back to the task's start: adapter ``adapter`` frozen again with its factors as they were (the
+        ``snapshot`` taken before it was reopened), task ``task``'s own adapter current and active, head and
+        alphas as the task began."""
         lr = self.learner
-        for i, layer in enumerate(lr.net.backbone.layers):
-            layer.lora_A[str(adapter)].data = state[f"A.{i}"].clone()
-            layer.lora_B[str(adapter)].data = state[f"B.{i}"].clone()
-        for n, p in lr.net.head.named_parameters():
-            p.copy_(state[f"head.{n}"])
-        for k, a in lr.gate.alpha.items():
-            a.copy_(state[f"alpha.{k}"])
+        restore(lr, adapter, state)
         lr.trained_by.pop(task, None)
         lr.gate.revive(task)
         lr.gate.current = task
@@ -101,7 +86,7 @@ class DriftGrowth:
             return None
         lo = lr.net.head.out_features - lr._n_new
         probe = self.probe_loader(loader)
-        state = self.start_state(latest)
+        state = snapshot(lr, latest)
         before, loss_before = self.old_logits(probe, lo)
         lr.skip_adapter(task, reuse=True)
         record: dict = {"task": task, "reopened": latest, "threshold": c.drift_threshold,

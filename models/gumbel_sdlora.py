@@ -30,6 +30,7 @@ import torch
 from backbone.gate import GumbelGate
 from models import register
 from models.base import Learner, log, task_seed
+from models.task_state import restore, snapshot
 from utils import dist
 from utils.gumbel_utils import gumbel_sparsemax, phase_temperature, sparsity_loss, temperature
 from utils.io import load_tensors, save_torch
@@ -188,25 +189,12 @@ class GumbelSDLoRA(Learner):
                      extra_loss=self._alpha_l2)
         gate.ungated = False
 
-    @torch.no_grad()
     def task_start_state(self, task: int) -> dict[str, torch.Tensor]:
         """Copies of what a task trains (head, magnitudes, its own adapter), as the task found them."""
-        state = {f"head.{n}": p.detach().clone() for n, p in self.net.head.named_parameters()}
-        state.update({f"alpha.{k}": a.detach().clone() for k, a in self.gate.alpha.items()})
-        for i, layer in enumerate(self.net.backbone.layers):
-            state[f"A.{i}"] = layer.lora_A[str(task)].detach().clone()
-            state[f"B.{i}"] = layer.lora_B[str(task)].detach().clone()
-        return state
+        return snapshot(self, task)
 
-    @torch.no_grad()
     def load_task_start_state(self, task: int, state: dict[str, torch.Tensor]) -> None:
-        for n, p in self.net.head.named_parameters():
-            p.copy_(state[f"head.{n}"])
-        for k, a in self.gate.alpha.items():
-            a.copy_(state[f"alpha.{k}"])
-        for i, layer in enumerate(self.net.backbone.layers):
-            layer.lora_A[str(task)].copy_(state[f"A.{i}"])
-            layer.lora_B[str(task)].copy_(state[f"B.{i}"])
+        restore(self, task, state)
 
     def holdout_split(self, task: int, loader) -> tuple:
         """Loaders over the task's images minus a seeded ``selection_holdout`` share of each class, and

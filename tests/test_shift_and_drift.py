@@ -9,6 +9,7 @@ import torch
 from main import main, make_data_manager
 from models.drift_growth import DriftGrowth, relative_drift
 from models.sdlora import SDLoRA
+from models.task_state import snapshot
 from utils.config import ConfigError, build_config
 from utils.data_manager import DataManager, shift_appearance
 from utils.datasets import DataError, SplitData, load_dataset
@@ -106,7 +107,7 @@ def test_an_undone_trial_gives_back_the_task_start_network_bit_for_bit(tiny, tmp
     learner.net.train()
     before = learner.net(x).detach()
     growth = DriftGrowth(learner)
-    state = growth.start_state(0)
+    state = snapshot(learner, 0)
     learner.skip_adapter(1, reuse=True)
     learner.fit(1, learner.loader(dm.train_set(1, learner.train_tf), train=True, task=1),
                 learner.param_groups(), 1, "trial")
