@@ -16,4 +16,6 @@ def test_epoch_benchmark_reports_throughput(capsys, tmp_path):
     epoch.main(["--config", "exps/demo.json", "--task", "1", "--max_steps", "2", "--train_per_class", "8",
                 "--log_dir", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "data " in out and "compute " in out and "epoch " in out and "img/s" in out
+    lines = {line.split("  ")[0].strip() for line in out.splitlines() if "img/s" in line}
+    assert lines == {"plain", "compute", "loader", "device", "loader data", "device data"}
+    assert out.count("end to end / compute") == 2 and out.count("of the compute time") == 2
