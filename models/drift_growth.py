@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from models.base import log
 from models.task_state import restore, snapshot
+from utils import dist
 from utils.data_manager import TaskDataset
 from utils.io import save_torch
 
@@ -97,7 +98,7 @@ class DriftGrowth:
                 return False
             after, loss_after = self.old_logits(probe, lo)
             record.update(drift=relative_drift(before, after), loss_after_trial=loss_after)
-            record["grow"] = record["drift"] > c.drift_threshold
+            record["grow"] = bool(dist.broadcast(record["drift"] > c.drift_threshold))  # rank 0 decides
             return record["grow"]
 
         lr.fit(task, loader, lr.param_groups(), epochs, desc=f"Task {task} (reusing adapter {latest})",
