@@ -228,8 +228,8 @@ def plot_tradeoff(summary: list[dict], out: Path) -> Optional[Path]:
         ax.grid(alpha=0.3)
         ax.set_title(f"{key} against adapters (mean ± std over seeds)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, [textwrap.shorten(t, 70) for t in labels], loc="lower center", ncol=2, fontsize=8)
-    fig.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(rows) / 2), 1, 1))
+    fig.legend(handles, [textwrap.shorten(t, 120) for t in labels], loc="lower center", ncol=1, fontsize=8)
+    fig.tight_layout(rect=(0, 0.04 + 0.04 * len(rows), 1, 1))
     path = out / "tradeoff.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
