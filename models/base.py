@@ -318,9 +318,10 @@ class Learner:
             log.info(f"{desc}, Epoch {epoch + 1}/{epochs} => Loss {mean_loss:.3f}, "
                      f"Train_accy {100.0 * float(correct) / max(seen, 1):.2f}")
             self.task_epochs += 1
-            self.tracker.epoch(task, 1000 * task + self.task_epochs, desc, dict(
-                {"train/loss": mean_loss, "train/accuracy": 100.0 * float(correct) / max(seen, 1)},
-                **self.epoch_scalars()))
+            if self.tracker.backends:  # epoch_scalars may read the device: only when something is logged
+                self.tracker.epoch(task, 1000 * task + self.task_epochs, desc, dict(
+                    {"train/loss": mean_loss, "train/accuracy": 100.0 * float(correct) / max(seen, 1)},
+                    **self.epoch_scalars()))
             if on_epoch is not None and on_epoch(epoch + 1):
                 return
 

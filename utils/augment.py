@@ -5,7 +5,8 @@ Train: per image a RandomResizedCrop box, drawn as torchvision draws it (10 trie
 ``scale`` and a log-uniform aspect ratio in [3/4, 4/3], else the central crop), and a flip with p = 0.5;
 then one resampling op for the batch: out = Wy @ x @ Wx^T, with per-image interpolation matrices built
 from the boxes with the weights of torch's antialiased bilinear resize (``resize(crop(x))`` to within one
-uint8 level; a crop box is a span of the matrices, a flip reverses Wx's rows). Test: Resize(round(S * 256 / 224), bicubic, antialias) and CenterCrop(S) in the same form.
+uint8 level; a crop box is a span of the matrices, a flip reverses Wx's rows). Test: Resize(round(S * 256
+/ 224), bicubic, antialias) and CenterCrop(S) in the same form.
 Both round to uint8 before scaling to [0, 1], as torchvision does on uint8 tensors.
 
 The random numbers come from the global torch stream, or with ``seed_per_sample`` from a counter-based

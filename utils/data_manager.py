@@ -83,12 +83,19 @@ class TaskDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, key: int):
-        epoch, i = divmod(int(key), len(self.labels))
+    def is_shifted(self, i: int) -> bool:
+        return self.shifted is not None and bool(self.shifted[i])
+
+    def image(self, i: int) -> torch.Tensor:
+        """Item i's uint8 (3, H, W) image before any transform, read from its file if it has one, shifted
+        if its task is in ``shift_tasks``."""
         x = self.images[i]
         img = load_image(x) if isinstance(x, str) else torch.from_numpy(x).permute(2, 0, 1)
-        if self.shifted is not None and self.shifted[i]:
-            img = shift_appearance(img)
+        return shift_appearance(img) if self.is_shifted(i) else img
+
+    def __getitem__(self, key: int):
+        epoch, i = divmod(int(key), len(self.labels))
+        img = self.image(i)
         if self.augment_seed is None:
             return self.transform(img), int(self.labels[i])
         with torch.random.fork_rng(devices=[]):  # the global stream (Gumbel noise, ...) is left as it was

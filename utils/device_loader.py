@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from utils.augment import DeviceAugment
-from utils.data_manager import EpochSampler, TaskDataset, load_image, sample_seed, shift_appearance
+from utils.data_manager import EpochSampler, TaskDataset, sample_seed, shift_appearance
 
 JPEG = (".jpg", ".jpeg")
 
@@ -40,7 +40,7 @@ def device_images(ds: TaskDataset, device: torch.device) -> torch.Tensor:
     if ds.shifted is not None and ds.shifted.any():
         x = x.clone()
         for i in np.nonzero(ds.shifted)[0]:
-            x[i] = shift_appearance(x[i])
+            x[i] = ds.image(i)
     return x.contiguous().to(device)
 
 
@@ -55,14 +55,11 @@ class _Files(Dataset):
 
     def __getitem__(self, key: int):
         i = int(key) % len(self.ds)
-        path = self.ds.images[i]
         if self.encoded:
             from torchvision.io import read_file
-            img = read_file(path)
+            img = read_file(self.ds.images[i])
         else:
-            img = load_image(path)
-            if self.ds.shifted is not None and self.ds.shifted[i]:
-                img = shift_appearance(img)
+            img = self.ds.image(i)
         return img, int(self.ds.labels[i]), int(key)
 
 
@@ -117,9 +114,8 @@ class DeviceLoader:
         for images, labels, keys in self.keys:
             if self.gpu_decode:
                 images = decode_jpeg(images, mode=ImageReadMode.RGB, device=self.device)
-                if self.dataset.shifted is not None:
-                    images = [shift_appearance(im) if self.dataset.shifted[k % len(self.dataset)] else im
-                              for im, k in zip(images, keys.tolist())]
+                images = [shift_appearance(im) if self.dataset.is_shifted(k % len(self.dataset)) else im
+                          for im, k in zip(images, keys.tolist())]
             else:
                 images = [im.to(self.device, non_blocking=True) for im in images]
             x, sizes = pad_batch(images)

@@ -229,12 +229,7 @@ def plot_tradeoff(summary: list[dict], out: Path) -> Optional[Path]:
         ax.set_title(f"{key} against adapters (mean ± std over seeds)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, [textwrap.shorten(t, 120) for t in labels], loc="lower center", ncol=1, fontsize=8)
-    fig.tight_layout(rect=(0, 0.04 + 0.04 * len(rows), 1, 1))
-    path = out / "tradeoff.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "tradeoff.png", rect=(0, 0.04 + 0.04 * len(rows), 1, 1))  # room for the legend
 
 
 def _suptitle(fig, text: str) -> None:
@@ -243,9 +238,9 @@ def _suptitle(fig, text: str) -> None:
     fig.suptitle("\n".join(textwrap.wrap(text, width)), fontsize=10)
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, rect: Optional[tuple] = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -15,7 +15,6 @@ from typing import Optional, Sequence
 
 from utils import dist
 
-LOGGERS = ("tensorboard", "wandb", "csv")
 INSTALL = 'pip install -e ".[tracking]"'
 
 
