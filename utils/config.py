@@ -130,6 +130,12 @@ class Config:
         "cifar100", "cifar224 is the field's name for CIFAR-100 at 224 px")
     data_path: Optional[str] = _key(None, "dataset folder or .npz file (default data/<dataset>)")
     download: bool = _key(False, "allow torchvision to download CIFAR-100 when data_path has no copy")
+    expected_classes: Optional[int] = _key(
+        None, "the dataset's class count (the benchmark configs set it: 200, 345, ...); a dataset with another "
+        "count stops before training (null: no check)", check=_positive)
+    check_images: Literal["open", "decode", "none"] = _key(
+        "open", "image-file datasets: before training, open every file's header (\"open\") or decode all its "
+        "pixels (\"decode\"), so a missing or broken file is named up front; \"none\" skips it")
     shuffle: bool = _key(True, "shuffle the class order with seed")
     init_cls: int = _key(10, "classes in the first task", check=_positive)
     increment: int = _key(10, "classes per later task", check=_positive)

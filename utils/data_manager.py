@@ -46,9 +46,13 @@ def _per_class_subset(y: np.ndarray, k: Optional[int], seed: int) -> np.ndarray:
 
 
 def load_image(path: str) -> torch.Tensor:
+    """An image file as uint8 (3, H, W) RGB; a file that cannot be read raises DataError naming it."""
     from PIL import Image
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for a broken file
+        raise DataError(f"cannot read image '{path}' ({type(e).__name__}: {e})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 

@@ -1,4 +1,5 @@
-"""Dataset sources: CIFAR-100 (torchvision folder, .npz or download), ImageFolder sets, a generated set.
+"""Dataset sources: CIFAR-100 (torchvision folder, .npz or download), ImageFolder sets, a generated set;
+the benchmarks' own layouts (ImageNet-R/-A split folders, DomainNet lists, CUB files) are in layouts.py.
 
 Each loader returns a ``SplitData``: train/test images (uint8 HWC arrays, or image file paths)
 with integer labels in the dataset's own class order. Task splitting happens in data_manager.py.
@@ -176,6 +177,25 @@ def _folder(cfg) -> SplitData:
     return load_image_folder(cfg.data_path or f"data/{cfg.dataset}")
 
 
+def _split_folder(cfg) -> SplitData:
+    from utils.layouts import load_split_folder
+    return load_split_folder(cfg.data_path or f"data/{cfg.dataset}", cfg.dataset)
+
+
+def _domainnet(cfg) -> SplitData:
+    from utils.layouts import load_domainnet
+    return load_domainnet(cfg.data_path or "data/domainnet")
+
+
+def _cub(cfg) -> SplitData:
+    """CUB-200-2011's own files, or (PILOT's copy) train/test class folders."""
+    from utils.layouts import load_cub
+    path = cfg.data_path or "data/cub"
+    if (Path(path) / "train").is_dir() and (Path(path) / "test").is_dir():
+        return load_image_folder(path)
+    return load_cub(path)
+
+
 def _synthetic(cfg) -> SplitData:
     return make_synthetic(cfg.synthetic_classes, cfg.train_per_class or 100, cfg.test_per_class or 40,
                           size=32, seed=cfg.seeds[0])
@@ -184,10 +204,14 @@ def _synthetic(cfg) -> SplitData:
 #: dataset name -> loader(cfg); new datasets register here.
 DATASETS: dict[str, Callable] = {
     "cifar100": _cifar, "cifar224": _cifar, "synthetic": _synthetic,
-    "imagenetr": _folder, "imageneta": _folder, "cub": _folder, "domainnet": _folder,
+    "imagenetr": _split_folder, "imageneta": _split_folder, "cub": _cub, "domainnet": _domainnet,
 }
 
 
 def load_dataset(cfg) -> SplitData:
-    """Load the configured dataset through the registry above."""
-    return DATASETS[cfg.dataset](cfg)
+    """Load the configured dataset through the registry above, then check its class count and files."""
+    from utils.layouts import check_classes, check_images
+    data = DATASETS[cfg.dataset](cfg)
+    check_classes(data, cfg.expected_classes, cfg.data_path or f"data/{cfg.dataset}")
+    check_images(data, cfg.check_images)
+    return data
