@@ -1,22 +1,32 @@
-"""Method registry: ``@register("name")`` on a Learner subclass makes it a valid ``model_name``."""
+"""Method registry: ``@register("name")`` on a Learner subclass makes it a valid ``model_name``.
+
+A method may declare its own config keys (a dataclass of ``utils.config._key`` fields), the shared
+method-scoped keys it also uses, and a check of the whole config: they join the schema of utils/config.py
+without a line there. Importing this package imports every method file, so the registry is complete.
+"""
 from __future__ import annotations
 
-from typing import Type
+from typing import Callable, Optional, Type
+
+from utils.config import declare_method
 
 REGISTRY: dict[str, Type] = {}
 
 
-def register(name: str):
+def register(name: str, keys: Optional[type] = None, uses: tuple = (), check: Optional[Callable] = None):
     def deco(cls):
         cls.name = name
         REGISTRY[name] = cls
+        declare_method(name, keys, uses, check)
         return cls
     return deco
 
 
 def get_learner(name: str) -> Type:
-    """The Learner class registered under ``name`` (importing the method modules on first use)."""
-    from models import gumbel_sdlora, linear_probe, lora_baselines, sdlora  # noqa: F401  (they register themselves)
+    """The Learner class registered under ``name``."""
     if name not in REGISTRY:
         raise KeyError(f"unknown model_name '{name}'; registered: {sorted(REGISTRY)}")
     return REGISTRY[name]
+
+
+from models import gumbel_sdlora, linear_probe, lora_baselines, sdlora  # noqa: E402,F401  (they register themselves)

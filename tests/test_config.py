@@ -90,3 +90,64 @@ def test_shipped_configs_load_and_the_seed_config_is_the_notes_formulation():
     assert (seed.gate_scope, seed.warmup_fraction, seed.growth_cost, seed.gumbel_tau_schedule) == ("all", 0.0, 0.0, "step")
     chosen = load_config(str(ROOT / "exps" / "gumbel_c100.json"))
     assert (chosen.gate_scope, chosen.gumbel_tau_schedule) == ("new", "phase") and chosen.warmup_fraction > 0
+
+
+def test_a_method_declares_its_own_keys_in_its_file():
+    """A registered method's keys join the schema: typed and checked, refused for other methods (naming the
+    owner), flat in to_dict, kept by dataclasses.replace, listed by --keys; model_name comes from the registry."""
+    import dataclasses
+
+    from models import REGISTRY, register
+    from models.base import Learner
+    from utils.config import METHOD_SPECS, _key, _positive, describe_keys
+
+    @dataclasses.dataclass
+    class ToyKeys:
+        toy_strength: float = _key(0.5, "how strong the toy is", check=_positive)
+
+    def toy_check(cfg, raw):
+        return ["toy_strength above 2 needs epochs >= 2"] if cfg.toy_strength > 2 and cfg.epochs < 2 else []
+
+    try:
+        register("toy_method", keys=ToyKeys, uses=("lora_rank",), check=toy_check)(type("Toy", (Learner,), {}))
+        cfg = build_config({"model_name": "toy_method", "toy_strength": 1.5, "lora_rank": 3})
+        assert cfg.toy_strength == 1.5 and cfg.lora_rank == 3 and cfg.to_dict()["toy_strength"] == 1.5
+        assert "method_keys" not in cfg.to_dict()
+        assert dataclasses.replace(cfg, seed=5).toy_strength == 1.5
+        assert build_config(cfg.to_dict()).to_dict() == cfg.to_dict()  # config.json reloads as it was
+        assert build_config({"model_name": "toy_method"}).toy_strength == 0.5
+        with pytest.raises(ConfigError, match=r"'toy_strength' = -1 must be > 0"):
+            build_config({"model_name": "toy_method", "toy_strength": -1})
+        with pytest.raises(ConfigError, match=r"'toy_strength' = \"x\" should be float"):
+            build_config({"model_name": "toy_method", "toy_strength": "x"})
+        with pytest.raises(ConfigError, match="toy_strength above 2 needs epochs"):
+            build_config({"model_name": "toy_method", "toy_strength": 3, "epochs": 1})
+        with pytest.raises(ConfigError, match="'toy_strength' belongs to model_name 'toy_method'"):
+            build_config({"model_name": "sdlora", "toy_strength": 1.0})
+        with pytest.raises(ConfigError, match="Did you mean 'toy_strength'"):
+            build_config({"model_name": "toy_method", "toy_strenght": 1.0})
+        with pytest.raises(ConfigError, match="'lora_rank' is not used by model_name 'linear_probe'"):
+            build_config({"model_name": "linear_probe", "lora_rank": 3})
+        assert "toy_strength" in describe_keys() and "[toy_method]" in describe_keys()
+    finally:
+        REGISTRY.pop("toy_method", None)
+        METHOD_SPECS.pop("toy_method", None)
+    with pytest.raises(ConfigError, match='model_name\' = "toy_method" should be one of .*"sdlora"'):
+        build_config({"model_name": "toy_method"})
+
+
+def test_coda_cosine_schedule_matches_its_formula():
+    import math
+
+    import torch
+
+    from utils.optim import build_scheduler
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5)
+    sched = build_scheduler("coda_cosine", opt, 20, None, 0.1, 0.0)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.5 * math.cos(99 * math.pi * e / (200 * 19)) for e in range(20)], rel=1e-12)
+    assert lrs[-1] == pytest.approx(0.5 * 0.0157, rel=0.01)

@@ -108,9 +108,7 @@ class Config:
 
     # --- run -------------------------------------------------------------------------------
     prefix: str = _key("run", "name prefix of the run folder")
-    model_name: Literal["sdlora", "sdlora_rr", "sdlora_kd", "gumbel_sdlora", "linear_probe", "seq_lora",
-                        "lora_task_id"] = _key(
-        "sdlora", "the method (models/ registry)")
+    model_name: str = _key("sdlora", "the method: any name registered in models/ (python main.py --keys lists them)")
     seed: Union[int, list[int]] = _key(1993, "seed, or a list of seeds run one after another")
     device: Union[str, list[str]] = _key(
         "auto", '"auto" (cuda if available), "cpu", "cuda", "cuda:N", or the field\'s ["0"]')
@@ -208,7 +206,9 @@ class Config:
     momentum: float = _key(0.9, "SGD momentum", check=_non_negative)
     lrate: float = _key(8e-3, "learning rate", check=_positive)
     weight_decay: float = _key(0.0, "weight decay", check=_non_negative)
-    scheduler: Literal["constant", "cosine", "multistep"] = _key("constant", "learning-rate schedule per task")
+    scheduler: Literal["constant", "cosine", "multistep", "coda_cosine"] = _key(
+        "constant", "learning-rate schedule per task (coda_cosine: CODA-Prompt's / InfLoRA's, lr cos(99 pi e / "
+        "(200 (K - 1))) over the K epochs)")
     min_lr: float = _key(0.0, "cosine: final learning rate", check=_non_negative)
     milestones: list[int] = _key(None, "multistep: epochs at which lr *= lrate_decay", default_factory=list)
     lrate_decay: float = _key(0.1, "multistep decay factor", check=_non_negative)
@@ -272,9 +272,21 @@ class Config:
     kd_threshold: float = _key(0.5, "drop the new adapter when its direction's least-squares fit onto the "
                                "earlier directions has a relative residual below this", KD, check=_non_negative)
 
-    # ---------------------------------------------------------------------------------------
+    # --- a method's own keys (declared in its models/ file) ----------------------------------
+    method_keys: Any = field(default=None, repr=False, metadata={"help": "", "methods": (), "check": None})
+
+    def __getattr__(self, name: str) -> Any:
+        """A method's own keys read as attributes (cfg.lamb), like the shared ones."""
+        own = self.__dict__.get("method_keys")
+        if own is not None and name in {f.name for f in dataclasses.fields(own)}:
+            return getattr(own, name)
+        raise AttributeError(f"'Config' has no key '{name}'")
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every key, shared and the method's own, flat (as config.json stores it)."""
+        d = dataclasses.asdict(self)
+        d.update(d.pop("method_keys") or {})
+        return d
 
     @property
     def workers(self) -> int:
@@ -302,7 +314,40 @@ RENAMED = {
     "lr": 'use "lrate"',
 }
 
-FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "method_keys"}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method declares when it registers (models/__init__.py ``register``): a dataclass of its own
+    keys (made with ``_key`` fields: default, help, check), the shared method-scoped keys it also uses, and a
+    check of the whole config returning error messages."""
+    keys: Optional[type] = None
+    uses: frozenset = frozenset()
+    check: Optional[Any] = None
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {}
+
+
+def declare_method(name: str, keys: Optional[type] = None, uses: tuple = (), check=None) -> None:
+    """Called by ``models.register``: the method's keys and checks join the schema."""
+    bad = [k for k in uses if k not in FIELDS]
+    if bad:
+        raise ValueError(f"method '{name}' declares unknown shared keys {bad}")
+    METHOD_SPECS[name] = MethodSpec(keys, frozenset(uses), check)
+
+
+def method_specs() -> dict[str, MethodSpec]:
+    """Every registered method's spec. The one place the schema asks the registry: importing ``models``
+    makes every method register itself."""
+    import models  # noqa: F401  (models/__init__ imports the method files)
+    return METHOD_SPECS
+
+
+def _own_fields(name: str) -> dict:
+    spec = method_specs().get(name)
+    return {f.name: f for f in dataclasses.fields(spec.keys)} if spec and spec.keys else {}
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -354,37 +399,57 @@ DEFAULTS = Config()
 def _unknown_key_message(key: str) -> str:
     if key in RENAMED:
         return f"config key '{key}' is not used here: {RENAMED[key]}"
-    near = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
+    owners = [m for m in method_specs() if key in _own_fields(m)]
+    if owners:
+        return f"config key '{key}' belongs to model_name {', '.join(repr(m) for m in owners)}; remove it"
+    near = difflib.get_close_matches(key, list(FIELDS) + sorted({k for m in method_specs() for k in _own_fields(m)}),
+                                     n=1, cutoff=0.6)
     hint = f" Did you mean '{near[0]}'?" if near else " See utils/config.py for every key."
     return f"unknown config key '{key}'.{hint}"
 
 
+def _check_value(key: str, value: Any, f, hint) -> Optional[str]:
+    if not _type_ok(value, hint):
+        return f"config key '{key}' = {json.dumps(value)} should be {_describe(hint)}"
+    problem = f.metadata["check"](value) if f.metadata["check"] else None
+    return f"config key '{key}' = {json.dumps(value)} {problem}" if problem else None
+
+
 def build_config(raw: dict) -> Config:
-    """Check a dict of keys against the schema and return the resolved Config, or raise ConfigError."""
-    errors = []
+    """Check a dict of keys against the schema (the shared keys here, the method's own from its file) and
+    return the resolved Config, or raise ConfigError."""
+    specs = method_specs()
+    name = raw.get("model_name", DEFAULTS.model_name)
+    if name not in specs:
+        raise ConfigError(f"config key 'model_name' = {json.dumps(name)} should be one of "
+                          f"{', '.join(json.dumps(m) for m in sorted(specs))}")
+    spec, own = specs[name], _own_fields(name)
+    own_hints = typing.get_type_hints(spec.keys) if spec.keys else {}
+    errors, shared, mine = [], {}, {}
     for key, value in raw.items():
-        if key not in FIELDS:
-            errors.append(_unknown_key_message(key))
-            continue
-        hint = HINTS[key]
-        if not _type_ok(value, hint):
-            errors.append(f"config key '{key}' = {json.dumps(value)} should be {_describe(hint)}")
-            continue
-        check = FIELDS[key].metadata["check"]
-        problem = check(value) if check else None
+        if key in FIELDS:
+            problem = _check_value(key, value, FIELDS[key], HINTS[key])
+            shared[key] = value
+        elif key in own:
+            problem = _check_value(key, value, own[key], own_hints[key])
+            mine[key] = value
+        else:
+            problem = _unknown_key_message(key)
         if problem:
-            errors.append(f"config key '{key}' = {json.dumps(value)} {problem}")
+            errors.append(problem)
     if errors:
         raise ConfigError("\n".join(errors))
-    cfg = Config(**raw)
+    cfg = Config(**shared, method_keys=spec.keys(**mine) if spec.keys else None)
     errors = [  # a method key set away from its default would silently do nothing: refuse it
         f"config key '{key}' is not used by model_name '{cfg.model_name}' (it belongs to "
         f"{', '.join(FIELDS[key].metadata['methods'])}); remove it"
-        for key in raw
+        for key in shared
         if FIELDS[key].metadata["methods"] and cfg.model_name not in FIELDS[key].metadata["methods"]
-        and raw[key] != getattr(DEFAULTS, key)
+        and key not in spec.uses and shared[key] != getattr(DEFAULTS, key)
     ]
     errors += _cross_checks(cfg, raw)
+    if spec.check is not None:
+        errors += spec.check(cfg, raw)
     if errors:
         raise ConfigError("\n".join(errors))
     return cfg
@@ -530,12 +595,16 @@ def load_config(path: Optional[str], overrides: Optional[dict] = None) -> Config
 
 
 def describe_keys() -> str:
-    """Every key with its default, its help line and (if not every method) the methods it belongs to."""
+    """Every key with its default, its help line and (if not every method) the methods it belongs to;
+    then each method's own keys, declared in its file."""
     lines = []
     for name, f in FIELDS.items():
         methods = f.metadata["methods"]
         scope = f" [{', '.join(methods)}]" if methods and methods != LORA_METHODS else ""
         lines.append(f"{name:24s} {json.dumps(getattr(DEFAULTS, name)):38s} {f.metadata['help']}{scope}")
+    for method in sorted(method_specs()):
+        for name, f in _own_fields(method).items():
+            lines.append(f"{name:24s} {json.dumps(f.default):38s} {f.metadata['help']} [{method}]")
     return "\n".join(lines)
 
 

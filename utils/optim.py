@@ -1,6 +1,7 @@
 """Optimisers and learning-rate schedules named by the config (every one honoured, none ignored)."""
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional
 
 import torch
@@ -21,11 +22,17 @@ def build_optimizer(name: str, groups: Iterable[dict], lr: float, weight_decay: 
 
 def build_scheduler(name: str, opt: torch.optim.Optimizer, epochs: int, milestones: Optional[list[int]],
                     decay: float, min_lr: float) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch schedule: constant, cosine (to min_lr over the phase's epochs) or multistep."""
+    """Per-epoch schedule: constant, cosine (to min_lr over the phase's epochs), multistep, or coda_cosine
+    (CODA-Prompt's and InfLoRA's: lr = base cos(99 pi e / (200 (K - 1))) at epoch e of K, 1.6 % of base at
+    the last epoch)."""
     if name == "constant":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=min_lr)
+    if name == "coda_cosine":
+        k = max(epochs, 1)
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda e: 1.0 if k == 1 else math.cos(99 * math.pi * e / (200 * (k - 1))))
     if name == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones or []), gamma=decay)
     raise ValueError(f"unknown scheduler '{name}'")
