@@ -29,4 +29,13 @@ def get_learner(name: str) -> Type:
     return REGISTRY[name]
 
 
-from models import gumbel_sdlora, linear_probe, lora_baselines, sdlora  # noqa: E402,F401  (they register themselves)
+def _import_methods() -> None:
+    """Import every file of this package: the method files register themselves (a new method is one new
+    file, no line here)."""
+    import importlib
+    import pkgutil
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_methods()
