@@ -69,6 +69,21 @@ class AdapterGate(nn.Module):
     def alphas(self, tasks: list[int]) -> torch.Tensor:
         return torch.stack([self.alpha[str(t)] for t in tasks])
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps of the gate: every alpha and the mask ({} before any task)."""
+        if not self.n_tasks:
+            return {}
+        return {"gate.alpha": self.alphas(list(range(self.n_tasks))), "gate.pruning_mask": self.pruning_mask}
+
+    @torch.no_grad()
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take back ``state_tensors`` (the tasks were added again first)."""
+        if "gate.alpha" not in tensors:
+            return
+        for t, a in enumerate(tensors["gate.alpha"]):
+            self.alpha[str(t)].fill_(float(a))
+        self.load_mask(tensors["gate.pruning_mask"])
+
     def coefficients(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(w, beta): w has shape (1 or n_layers, n_active) in coefficient order; beta is None here."""
         tasks = self.frozen_active() + ([self.current] if self._current_active() else [])
@@ -104,6 +119,14 @@ class FoldGate(AdapterGate):
 
     def magnitude(self, task: int) -> torch.Tensor:
         return self.alpha[str(task)] + self.fold[task]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(super().state_tensors(), **{"gate.fold": self.fold})
+
+    @torch.no_grad()
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_state(tensors)
+        self.fold.copy_(tensors["gate.fold"])
 
     def coefficients(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         tasks = self.frozen_active() + ([self.current] if self._current_active() else [])
@@ -153,6 +176,23 @@ class GumbelGate(AdapterGate):
     def load_anchor(self, anchor: torch.Tensor) -> None:
         for t, v in enumerate(anchor.tolist()[:self.n_tasks]):
             self.set_anchor(t, v)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """alphas and mask, then the logits, the evaluation temperature and the anchors."""
+        if not self.n_tasks:
+            return {}
+        return dict(super().state_tensors(), **{
+            "gate.logits": torch.stack([self.logits[str(t)] for t in range(self.n_tasks)]),
+            "gate.tau_eval": self.tau_eval, "gate.anchor": self.anchor})
+
+    @torch.no_grad()
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_state(tensors)
+        for t, row in enumerate(tensors["gate.logits"]):
+            self.logits[str(t)].copy_(row)
+        self.tau_eval.copy_(tensors["gate.tau_eval"])
+        if "gate.anchor" in tensors:
+            self.load_anchor(tensors["gate.anchor"])
 
     def gated_tasks(self) -> list[int]:
         """The adapters whose g is beta (coefficient order), by scope; the current one not while ungated."""

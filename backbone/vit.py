@@ -61,6 +61,7 @@ class LoRAViT(nn.Module):
         self.gate = gate
         self.subspace: Optional[SubspaceAdapter] = None  # the current adapter's z, when it trains in a subspace
         self.subspace_stored: dict[int, dict[str, torch.Tensor]] = {}  # finished subspace tasks: z, seed, split
+        self.served_by: dict[int, int] = {}  # task -> the earlier adapter that trained on it (reopened, shared)
         self.last_beta: Optional[torch.Tensor] = None
         self._merged = False
 
@@ -126,6 +127,60 @@ class LoRAViT(nn.Module):
                 B.data = B.data / torch.where(norm > 0, norm, torch.ones_like(norm))[:, None, None]
         self.gate.current = task
         self.configure()
+
+    # ---- adapter state: which adapter serves which task, a task's tensors and their loading -----------
+    def serve(self, task: int, adapter: int) -> None:
+        """Record that adapter ``adapter`` (an earlier one) trains on, and is saved with, task ``task``."""
+        self.served_by[task] = adapter
+
+    def owner(self, task: int) -> int:
+        """The adapter that trained on task ``task``: its own, or the earlier one it reopened."""
+        return self.served_by.get(task, task)
+
+    def tasks_served(self, adapter: int) -> int:
+        """How many tasks an adapter has trained on: its own and those that reopened it."""
+        return 1 + sum(1 for k in self.served_by.values() if k == adapter)
+
+    def has_adapter(self, task: int) -> bool:
+        return bool(self.layers) and str(task) in self.layers[0].lora_A
+
+    def adapter_tensors(self, task: int) -> dict[str, torch.Tensor]:
+        """The tensors of the adapter that served task ``task``: plain factors per block, or (SubLoRA) the z,
+        seed and split that rebuild them; {} for a task without adapters (the head-only probe)."""
+        owner = self.owner(task)
+        if owner in self.subspace_stored:
+            t = dict(self.subspace_stored[owner])
+        elif self.has_adapter(owner):
+            t = {}
+            for i, layer in enumerate(self.layers):
+                t[f"adapter.{i}.A"] = layer.lora_A[str(owner)]
+                t[f"adapter.{i}.B"] = layer.lora_B[str(owner)]
+        else:
+            return {}
+        t["adapter.owner"] = torch.tensor(owner)
+        return t
+
+    @torch.no_grad()
+    def load_adapter_tensors(self, task: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Take back what ``adapter_tensors`` saved for task ``task`` (its adapter was added by add_task)."""
+        if not self.has_adapter(task):
+            return
+        owner = int(tensors["adapter.owner"]) if "adapter.owner" in tensors else task
+        if owner != task:
+            self.serve(task, owner)
+        if ("subspace.z" in tensors) != (self.subspace is not None):
+            raise KeyError("subspace.z: the checkpoint and the config disagree on intrinsic_dim")
+        if self.subspace is not None:  # the factors are rebuilt from z and the seed, as training wrote them
+            self.subspace.load_stored(tensors)
+            self.materialize_subspace()
+            return
+        for i, layer in enumerate(self.layers):
+            layer.lora_A[str(owner)].copy_(tensors[f"adapter.{i}.A"])
+            layer.lora_B[str(owner)].copy_(tensors[f"adapter.{i}.B"])
+
+    def subspace_split(self, task: int) -> Optional[torch.Tensor]:
+        """SubLoRA's learned split logits of task ``task``'s adapter (None: plain factors, or no split)."""
+        return self.subspace_stored.get(task, {}).get("subspace.split")
 
     def _push_coefficients(self) -> None:
         w, beta = self.gate.coefficients()

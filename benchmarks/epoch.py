@@ -59,13 +59,13 @@ def make_learner(cfg, dm, device, task: int, tmp: str):
     learner = get_learner(cfg.model_name)(cfg, device, Path(tmp), cfg.seeds[0])
     for t in range(task):  # earlier tasks: structure only, B made non-zero
         learner.begin_task(t, dm.sizes[t])
-        if learner.uses_adapters:
+        if learner.net.backbone.has_adapter(t):
             with torch.no_grad():
                 for layer in learner.net.backbone.layers:
                     layer.lora_B[str(t)].normal_(std=0.02)
-            learner.net.backbone.freeze_current()
+        learner.net.backbone.freeze_current()
     lo, hi = dm.task_range(task)
-    learner._n_new = hi - lo
+    learner.n_new = hi - lo
     learner.begin_task(task, hi - lo)
     return learner
 
@@ -153,7 +153,7 @@ def main(argv=None) -> None:
     rate = {k: (steps * bs if k in ("plain", "compute") else n_img) / med[k] for k in med}
     share = {p: med[f"{p} data"] / med["compute"] for p in ("loader", "device")}
     print(f"# {cfg.model_name} {cfg.backbone_type} img {cfg.img_size} batch {cfg.batch_size} task {t} "
-          f"({learner.gate.n_tasks if learner.uses_adapters else 0} adapters) device {device} "
+          f"({learner.gate.n_tasks} adapters) device {device} "
           f"workers {cfg.workers} amp {cfg.amp}; {steps} steps, {n_img} images; median of {args.rounds} rounds "
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads)")
     for k in runs:

@@ -24,16 +24,15 @@ from tqdm import tqdm
 
 from backbone.gate import AdapterGate
 from backbone.head import GrowingHead
-from backbone.subspace import SubspaceSpec
 from backbone.vit import LoRAViT, create_vit
-from utils.config import Config, ConfigError, check_device
+from utils.config import Config, check_device
 from utils import dist
-from utils.data_manager import DataManager, EpochSampler, TaskDataset
+from utils.data_manager import DataManager, EpochSampler
 from utils.io import CheckpointError, load_tensors, save_tensors
 from utils.metrics import topk_correct
 from utils.optim import build_optimizer, build_scheduler
 from utils.augment import DeviceAugment
-from utils.device_loader import DeviceLoader
+from utils.loaders import make_loader
 from utils.run_metrics import RunMetrics
 from utils.tracking import Tracker
 from utils.transforms import build_transforms
@@ -56,12 +55,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _seed_worker(_: int) -> None:
-    s = torch.initial_seed() % 2**32
-    random.seed(s)
-    np.random.seed(s)
-
-
 class Net(nn.Module):
     """Backbone features followed by the growing linear head."""
 
@@ -77,10 +70,6 @@ class Learner:
     """Class-incremental training of a frozen ViT with per-task adapters and a growing head."""
 
     name: ClassVar[str] = "base"
-    uses_adapters: ClassVar[bool] = True
-    # "til_": accuracies measured with the task identity given are saved as til_* keys, never as the
-    # class-incremental A, A_last, ...
-    metric_prefix: ClassVar[str] = ""
     default_alpha: ClassVar[float] = 0.8
 
     def __init__(self, cfg: Config, device: torch.device, run_dir: Path, seed: int):
@@ -95,12 +84,11 @@ class Learner:
         std = vit.pretrained_cfg.get("std") if cfg.normalize else None
         self.train_tf, self.test_tf = build_transforms(cfg.img_size, cfg.crop_scale, mean, std)
         self.device_augment = DeviceAugment(cfg.img_size, cfg.crop_scale, mean, std)
-        self.book = RunMetrics(self.run_dir, self.metric_prefix)
+        self.book = RunMetrics(self.run_dir)
         self.tracker = Tracker(cfg.loggers, self.run_dir, cfg.to_dict())
         self.task_epochs = 0  # epochs run in the task in progress, every phase counted (the trackers' step)
         self.task_steps = 0  # optimiser steps of the task in progress (metrics: train_steps, the compute a rule spends)
-        self.trained_by: dict[int, int] = {}  # task -> the earlier adapter it reopened (skip_mode "reuse")
-        self._check_subspace()
+        self.n_new = 0  # classes of the task in progress
         if cfg.compile:
             import torch._dynamo
             # the adapter set changes at every task boundary: allow those recompilations
@@ -122,58 +110,19 @@ class Learner:
             return self.cfg.lora_rank
         return [r for first, r in sched if first <= task][-1]
 
+    def adapter_spec(self, task: int):
+        """How task ``task``'s adapter is parametrised: None for plain LoRA factors, or a spec that the
+        backbone builds it from (backbone/subspace.py)."""
+        return None
+
     def begin_task(self, task: int, n_new_classes: int) -> None:
         """Grow the head; add this task's adapter (and reset alphas if configured)."""
         self.net.head.expand(n_new_classes)
         self.net.head.to(self.device)
-        if self.uses_adapters:
-            if self.cfg.alpha_reset_each_task:
-                self.gate.reset_alphas(self.alpha_init)
-            self.net.backbone.add_task(task, self.rank(task), self.alpha_init, self.subspace_spec(task))
-            self.net.to(self.device)
-
-    def _check_subspace(self) -> None:
-        """An intrinsic_dim the backbone cannot take is refused now, before any task trains."""
-        c = self.cfg
-        if c.intrinsic_dim is None:
-            return
-        n_blocks = len(self.net.backbone.layers)
-        smallest = 2 * n_blocks * len(c.lora_targets) * self.net.backbone.num_features * min(
-            self.rank(t) for t in range(64))
-        if c.intrinsic_dim > smallest:
-            raise ConfigError(f"config key 'intrinsic_dim' = {c.intrinsic_dim} exceeds the {smallest:,} LoRA parameters "
-                              "of a task's adapter; lower it, or set it to null for plain LoRA")
-        if c.allocation_mode == "learned" and c.intrinsic_dim < n_blocks:
-            raise ConfigError(f"config key 'intrinsic_dim' = {c.intrinsic_dim}: \"allocation_mode\": \"learned\" splits "
-                              f"it over the {n_blocks} blocks; it must be >= {n_blocks}")
-
-    def subspace_spec(self, task: int) -> Optional[SubspaceSpec]:
-        """SubLoRA (``intrinsic_dim``): the subspace of task ``task``'s adapter; None: plain LoRA factors."""
-        c = self.cfg
-        if c.intrinsic_dim is None:
-            return None
-        return SubspaceSpec(c.intrinsic_dim, c.allocation_mode, c.allocation_ratio,
-                            seed=1_000_003 + task_seed(self.seed, task))
-
-    def skip_adapter(self, task: int, reuse: bool) -> None:
-        """Task ``task`` keeps no adapter of its own: it leaves the forward pass for good; with ``reuse``
-        the latest earlier active adapter trains again in its place (and is saved with this task)."""
-        self.gate.prune([task])
-        latest = self.latest_adapter_before(task)
-        if reuse and latest is not None:
-            self.trained_by[task] = latest
-            self.net.backbone.reopen(latest)
-        else:
-            self.net.backbone.configure()
-
-    def latest_adapter_before(self, task: int) -> Optional[int]:
-        """The adapter a task without its own would reopen: the latest active one before it."""
-        earlier = [t for t in self.gate.active_tasks() if t < task]
-        return earlier[-1] if earlier else None
-
-    def served(self, adapter: int) -> int:
-        """How many tasks an adapter has trained on: its own and those that reopened it."""
-        return 1 + sum(1 for k in self.trained_by.values() if k == adapter)
+        if self.cfg.alpha_reset_each_task:
+            self.gate.reset_alphas(self.alpha_init)
+        self.net.backbone.add_task(task, self.rank(task), self.alpha_init, self.adapter_spec(task))
+        self.net.to(self.device)
 
     def train_task(self, task: int, loader: DataLoader) -> None:
         """Default: one phase training every trainable tensor with the configured optimiser."""
@@ -181,15 +130,17 @@ class Learner:
 
     def end_task(self, task: int) -> None:
         """Freeze the task's adapter: from now on it is one of the stacked, frozen ones."""
-        if self.uses_adapters:
-            self.net.backbone.freeze_current()
+        self.net.backbone.freeze_current()
 
     def epoch_scalars(self) -> dict[str, float]:
         """Method-specific scalars the trackers log after each epoch (``loggers``)."""
         return {}
 
+    def record_extra(self, task: int) -> None:
+        """Method-specific entries of metrics.json for this task (``self.metrics``), written with the rest."""
+
     def extra_tensors(self) -> dict[str, torch.Tensor]:
-        """Method-specific tensors saved in each task's checkpoint."""
+        """Method-specific tensors saved in each task's checkpoint (the gate saves its own)."""
         return {}
 
     def load_extra_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -217,15 +168,8 @@ class Learner:
                     milestones=pick(c.init_milestones, c.milestones), decay=pick(c.init_lr_decay, c.lrate_decay))
 
     def param_groups(self) -> list[dict]:
-        """One group of every tensor that requires grad (adapter, alphas, head...); a subspace adapter's
-        z and split logits in a group of their own when ``subspace_lr`` is set."""
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        sub = self.net.backbone.subspace if self.uses_adapters else None
-        if sub is None or self.cfg.subspace_lr is None:
-            return [{"params": params}]
-        own = {id(p) for p in sub.parameters()}
-        return [{"params": [p for p in params if id(p) not in own]},
-                {"params": [p for p in params if id(p) in own], "lr": self.cfg.subspace_lr}]
+        """One group of every tensor that requires grad (adapter, alphas, head...)."""
+        return [{"params": [p for p in self.net.parameters() if p.requires_grad]}]
 
     def task_loss(self, logits: torch.Tensor, y: torch.Tensor, task: int, lo: int) -> torch.Tensor:
         """Cross-entropy; on tasks > 0 over the current task's logits only (``mask_old_logits``)."""
@@ -239,30 +183,8 @@ class Learner:
         return nullcontext()
 
     def loader(self, dataset, train: bool, task: int) -> DataLoader:
-        """Training: shuffled, ``batch_size`` images per step over all processes. With ``seed_per_sample``
-        (always under torchrun) the order comes from ``EpochSampler`` and each image's augmentation from
-        its own seed, so the images do not depend on workers or processes. Evaluation: in order."""
-        seed = task_seed(self.seed, task)
-        g = torch.Generator().manual_seed(seed)
-        workers = self.cfg.workers
-        bs = self.cfg.batch_size // dist.world() if train else (self.cfg.eval_batch_size or 2 * self.cfg.batch_size)
-        sampler = None
-        if train and self.cfg.seed_per_sample:
-            if not isinstance(dataset, TaskDataset):
-                raise TypeError("seed_per_sample needs a TaskDataset (use TaskDataset.subset, not torch Subset)")
-            dataset.augment_seed = seed
-            sampler = EpochSampler(dataset, num_replicas=dist.world(), rank=dist.rank(), shuffle=True, seed=seed)
-        if self.augments_on_device(dataset):
-            return DeviceLoader(dataset, bs, train, self.device_augment, self.device, g, sampler, workers)
-        return DataLoader(dataset, batch_size=bs, shuffle=train and sampler is None, sampler=sampler,
-                          drop_last=False, num_workers=workers, pin_memory=self.device.type == "cuda",
-                          persistent_workers=workers > 0, worker_init_fn=_seed_worker, generator=g,
-                          prefetch_factor=4 if workers > 0 else None)
-
-    def augments_on_device(self, dataset) -> bool:
-        """``augment_on``: "device" always, "auto" for in-memory images; otherwise per image in the DataLoader."""
-        in_memory = isinstance(getattr(dataset, "images", None), np.ndarray)
-        return self.cfg.augment_on == "device" or (self.cfg.augment_on == "auto" and in_memory)
+        """The task's training (shuffled) or evaluation loader (utils/loaders.py)."""
+        return make_loader(self.cfg, dataset, train, task_seed(self.seed, task), self.device, self.device_augment)
 
     def fit(self, task: int, loader: DataLoader, groups: list[dict], epochs: int, desc: str,
             extra_loss: Optional[Callable[[], torch.Tensor]] = None,
@@ -276,7 +198,7 @@ class Learner:
         s = self._task_opt_settings(task)
         opt = build_optimizer(self.cfg.optimizer, groups, s["lr"], s["weight_decay"], self.cfg.momentum)
         sched = build_scheduler(self.cfg.scheduler, opt, epochs, s["milestones"], s["decay"], self.cfg.min_lr)
-        lo = self.net.head.out_features - self._n_new
+        lo = self.net.head.out_features - self.n_new
         seen_lo = lo if task > 0 and self.cfg.mask_old_logits else 0  # train accuracy over the logits the loss sees
         model = dist.wrap(self.net, self.device)  # DistributedDataParallel under torchrun
         for epoch in range(epochs):
@@ -370,7 +292,7 @@ class Learner:
 
     # ---- bookkeeping: metrics and checkpoints --------------------------------------------------
     def active_adapters(self) -> list[int]:
-        return self.gate.active_tasks() if self.uses_adapters else []
+        return self.gate.active_tasks()
 
     @property
     def metrics(self) -> dict:
@@ -382,16 +304,12 @@ class Learner:
         active = self.active_adapters()
         self.book.record(res, active, self.net.backbone.adapter_param_count(active),
                          train_s, self.task_steps, eval_s)
-        m = self.metrics
-        split = self.net.backbone.subspace_stored.get(task, {}).get("subspace.split") if self.uses_adapters else None
-        if split is not None:  # SubLoRA learned allocation: gamma_l, the share of block l's z that feeds B
-            m.setdefault("subspace_gamma", []).append([round(float(g), 4) for g in torch.sigmoid(split)])
-            log.info(f"Subspace split of task {task}, gamma per block (share of z on B): {m['subspace_gamma'][-1]}")
+        self.record_extra(task)
         self.book.save()
         self.tracker.task(task, {"task/A": res["total"], "task/old_accuracy": res["old"],
                                  "task/new_accuracy": res["new"], "task/active_adapters": len(active),
                                  "task/train_seconds": train_s})
-        self.book.log_task(res, active if self.uses_adapters else None, task)
+        self.book.log_task(res, active if self.gate.n_tasks else None, task)
 
     def saved_metrics(self) -> dict:
         return self.book.saved()
@@ -403,19 +321,10 @@ class Learner:
         return self.book.headline()
 
     def checkpoint_tensors(self, task: int) -> dict[str, torch.Tensor]:
-        """Task ``task``'s adapter, the whole head and the gate, as plain tensors."""
+        """The whole head, the adapter that served task ``task`` and the gate, as plain tensors."""
         t = {"head.weight": self.net.head.weight, "head.bias": self.net.head.bias}
-        if self.uses_adapters:
-            owner = self.trained_by.get(task, task)  # a task that reopened an earlier adapter saves that one
-            if owner in self.net.backbone.subspace_stored:  # SubLoRA: z, seed (and split) rebuild the factors
-                t.update(self.net.backbone.subspace_stored[owner])
-            else:
-                for i, layer in enumerate(self.net.backbone.layers):
-                    t[f"adapter.{i}.A"] = layer.lora_A[str(owner)]
-                    t[f"adapter.{i}.B"] = layer.lora_B[str(owner)]
-            t["adapter.owner"] = torch.tensor(owner)
-            t["gate.alpha"] = self.gate.alphas(list(range(self.gate.n_tasks)))
-            t["gate.pruning_mask"] = self.gate.pruning_mask
+        t.update(self.net.backbone.adapter_tensors(task))
+        t.update(self.gate.state_tensors())
         t.update(self.extra_tensors())
         return t
 
@@ -438,35 +347,17 @@ class Learner:
 
     def _restore(self, dm: DataManager, done: int) -> None:
         for task in range(done + 1):
-            self._n_new = dm.sizes[task]
+            self.n_new = dm.sizes[task]
             self.begin_task(task, dm.sizes[task])
-            ck = load_tensors(self.run_dir / f"task_{task}.safetensors")
-            if self.uses_adapters:
-                owner = str(int(ck["adapter.owner"])) if "adapter.owner" in ck else str(task)
-                if owner != str(task):
-                    self.trained_by[task] = int(owner)
-                sub = self.net.backbone.subspace
-                if ("subspace.z" in ck) != (sub is not None):
-                    raise KeyError("subspace.z: the checkpoint and the config disagree on intrinsic_dim")
-                if sub is not None:  # the factors are rebuilt from z and the seed, as training wrote them
-                    sub.load_stored(ck)
-                    self.net.backbone.materialize_subspace()
-                else:
-                    with torch.no_grad():
-                        for i, layer in enumerate(self.net.backbone.layers):
-                            layer.lora_A[owner].copy_(ck[f"adapter.{i}.A"])
-                            layer.lora_B[owner].copy_(ck[f"adapter.{i}.B"])
-                self.gate.current = None
+            self.net.backbone.load_adapter_tensors(task, load_tensors(self.run_dir / f"task_{task}.safetensors"))
+            self.gate.current = None
+        ck = load_tensors(self.run_dir / f"task_{done}.safetensors")
         with torch.no_grad():
             self.net.head.weight.copy_(ck["head.weight"])
             self.net.head.bias.copy_(ck["head.bias"])
-            if self.uses_adapters:
-                for t, a in enumerate(ck["gate.alpha"]):
-                    self.gate.alpha[str(t)].fill_(float(a))
-                self.gate.load_mask(ck["gate.pruning_mask"])
-                self.load_extra_tensors(ck)
-        if self.uses_adapters:
-            self.net.backbone.configure()
+        self.gate.load_state(ck)
+        self.load_extra_tensors(ck)
+        self.net.backbone.configure()
 
     # ---- the task loop ---------------------------------------------------------------------------
     def run(self, dm: DataManager, start: int = 0) -> dict:
@@ -482,7 +373,7 @@ class Learner:
         """One task: seed, structure, training, evaluation, record, checkpoint."""
         seed_everything(task_seed(self.seed, task))
         lo, hi = dm.task_range(task)
-        self._n_new = hi - lo
+        self.n_new = hi - lo
         log.info(f"Learning on {lo}-{hi} (task {task + 1}/{dm.n_tasks})")
         self.begin_task(task, hi - lo)
         self.task_steps = self.task_epochs = 0

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from models.base import log
+from models.reuse import latest_adapter_before, skip_adapter
 from models.task_state import restore, snapshot
 from utils import dist
 from utils.data_manager import TaskDataset
@@ -72,7 +73,7 @@ class DriftGrowth:
         alphas as the task began."""
         lr = self.learner
         restore(lr, adapter, state)
-        lr.trained_by.pop(task, None)
+        lr.net.backbone.served_by.pop(task, None)
         lr.gate.revive(task)
         lr.gate.current = task
         lr.net.backbone.configure()
@@ -80,16 +81,16 @@ class DriftGrowth:
     def train_task(self, task: int, loader: DataLoader) -> Optional[dict]:
         """Trial, decision, then the chosen structure; returns the decision record (None on task 0)."""
         lr, c = self.learner, self.learner.cfg
-        latest = lr.latest_adapter_before(task)
+        latest = latest_adapter_before(lr.net.backbone, task)
         epochs = lr.epochs(task)
         if latest is None:
             lr.fit(task, loader, lr.param_groups(), epochs, desc=f"Task {task}")
             return None
-        lo = lr.net.head.out_features - lr._n_new
+        lo = lr.net.head.out_features - lr.n_new
         probe = self.probe_loader(loader)
         state = snapshot(lr, latest)
         before, loss_before = self.old_logits(probe, lo)
-        lr.skip_adapter(task, reuse=True)
+        skip_adapter(lr.net.backbone, task, reuse=True)
         record: dict = {"task": task, "reopened": latest, "threshold": c.drift_threshold,
                         "trial_epochs": c.trial_epochs, "loss_before": loss_before}
 
@@ -106,7 +107,7 @@ class DriftGrowth:
         if record["grow"]:
             self.undo_trial(task, latest, state)
             lr.fit(task, loader, lr.param_groups(), epochs, desc=f"Task {task} (new adapter)")
-        record["trained_adapter"] = lr.trained_by.get(task, task)
+        record["trained_adapter"] = lr.net.backbone.owner(task)
         log.info(f"[Drift growth] Task {task}: reusing adapter {latest} for {c.trial_epochs} epoch(s) moved the "
                  f"earlier classes' logits by {record['drift']:.4f} (threshold {c.drift_threshold}): "
                  + ("new adapter" if record["grow"] else f"adapter {latest} goes on serving"))

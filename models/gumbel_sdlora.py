@@ -30,6 +30,7 @@ import torch
 from backbone.gate import GumbelGate
 from models import register
 from models.base import Learner, log, task_seed
+from models.reuse import latest_adapter_before, skip_adapter
 from models.task_state import restore, snapshot
 from utils import dist
 from utils.gumbel_utils import gumbel_sparsemax, phase_temperature, sparsity_loss, temperature
@@ -85,10 +86,10 @@ class GumbelSDLoRA(Learner):
         """growth_cost, divided with ``cost_by_share`` by the number of tasks the adapter a skip would
         reopen already serves: sharing an adapter gets dearer, so a new one gets cheaper."""
         c = self.cfg
-        latest = self.latest_adapter_before(task)
+        latest = latest_adapter_before(self.net.backbone, task)
         if not c.cost_by_share or latest is None:
             return c.growth_cost
-        return c.growth_cost / self.served(latest)
+        return c.growth_cost / self.net.backbone.tasks_served(latest)
 
     def epoch_scalars(self) -> dict[str, float]:
         """The temperature and, while the new adapter is gated, its beta at the epoch's last step."""
@@ -178,7 +179,7 @@ class GumbelSDLoRA(Learner):
             self.load_task_start_state(task, start)  # the trial is over: the chosen structure trains from scratch
             e2 = epochs
         if skipped and c.skip_mode == "reuse":
-            self.skip_adapter(task, reuse=True)  # phase 2 trains the latest kept adapter instead
+            skip_adapter(self.net.backbone, task, reuse=True)  # phase 2 trains the latest kept adapter instead
         # phase 2: beta fixed at its deterministic value at the tau phase 1 ended with (scope 'new':
         # the decision is made, the kept adapter has g = 1)
         gate.noise, gate.ungated = False, c.gate_scope == "new"
@@ -217,7 +218,7 @@ class GumbelSDLoRA(Learner):
         probe). Logged and kept in the beta record."""
         alpha = self.gate.alpha[str(task)]
         kept = alpha.detach().clone()
-        lo = self.net.head.out_features - self._n_new
+        lo = self.net.head.out_features - self.n_new
         sums, n = [0.0, 0.0], 0
         for i, (x, y) in enumerate(loader):
             if i == batches:
@@ -318,7 +319,7 @@ class GumbelSDLoRA(Learner):
             "alpha": gate.alphas(list(range(n))).detach().cpu(),
             "logits": torch.stack([gate.logits[str(t)] for t in range(n)]).detach().cpu(),
             "anchor": gate.anchor.cpu().clone(),
-            "trained_adapter": self.trained_by.get(task, task),
+            "trained_adapter": self.net.backbone.owner(task),
             "growth_cost": self.growth_cost,
             **self.probe,
             "prune_rule": self.cfg.prune_rule,
@@ -335,15 +336,3 @@ class GumbelSDLoRA(Learner):
         save_torch(self.run_dir / "pruning_mask.pt", ck["gate.pruning_mask"].clone())
         dist.barrier()  # under torchrun, no rank reads the mask file before rank 0 has rewritten it
         super().restore(dm, done)
-
-    def extra_tensors(self) -> dict[str, torch.Tensor]:
-        n = self.gate.n_tasks
-        return {"gate.logits": torch.stack([self.gate.logits[str(t)] for t in range(n)]),
-                "gate.tau_eval": self.gate.tau_eval, "gate.anchor": self.gate.anchor}
-
-    def load_extra_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        for t, row in enumerate(tensors["gate.logits"]):
-            self.gate.logits[str(t)].copy_(row)
-        self.gate.tau_eval.copy_(tensors["gate.tau_eval"])
-        if "gate.anchor" in tensors:
-            self.gate.load_anchor(tensors["gate.anchor"])

@@ -180,9 +180,8 @@ class InfLoRA(Learner):
         """Numbers the method stores besides the adapters: the DualGPM bases of every block."""
         return sum(m.numel() for m in self.memory if m is not None)
 
-    def record(self, task: int, res: dict, train_s: float, eval_s: float) -> None:
+    def record_extra(self, task: int) -> None:
         self.metrics.setdefault("memory_numbers", []).append(self.memory_numbers())
-        super().record(task, res, train_s, eval_s)
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         t = {f"inflora.memory.{i}": m.contiguous() for i, m in enumerate(self.memory) if m is not None}

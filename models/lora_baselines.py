@@ -16,6 +16,7 @@ from backbone.gate import IsolatedGate
 from models import register
 from models.base import Learner, log
 from utils.data_manager import DataManager
+from utils.run_metrics import RunMetrics
 
 
 @register("seq_lora")
@@ -28,7 +29,7 @@ class SeqLoRA(Learner):
             self.net.backbone.add_task(0, self.rank(0), 1.0)
             self.gate.alpha["0"].requires_grad_(False)
         else:
-            self.trained_by[task] = 0  # its checkpoint holds adapter 0 as this task left it
+            self.net.backbone.serve(task, 0)  # its checkpoint holds adapter 0 as this task left it
             self.gate.current = 0
             self.net.backbone.configure()
         self.net.to(self.device)
@@ -46,7 +47,9 @@ class SeqLoRA(Learner):
 class LoRATaskID(Learner):
     """Adapter t (w = 1, alone in the forward pass) and task t's head rows train on task t alone."""
 
-    metric_prefix = "til_"
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.book = RunMetrics(self.run_dir, "til_")  # task identity given: til_* keys, never A, A_last, ...
 
     def make_gate(self, n_layers: int) -> IsolatedGate:
         return IsolatedGate(n_layers)

@@ -10,9 +10,10 @@ import torch
 
 from backbone.gate import FoldGate
 from backbone.lora import adapter_norm, direction_inner
-from models import register
-from models.base import Learner, log
+from models import register, sublora
+from models.base import Learner, log, task_seed
 from models.drift_growth import DriftGrowth
+from models.reuse import skip_adapter
 from utils.io import save_torch
 
 
@@ -25,11 +26,25 @@ class SDLoRA(Learner):
 
     default_alpha = 0.8
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        sublora.check_budget(self.cfg, self.net.backbone, self.rank)
+
+    def adapter_spec(self, task: int):
+        """SubLoRA (``intrinsic_dim``): the subspace of the task's adapter; None: plain LoRA factors."""
+        return sublora.spec(self.cfg, task_seed(self.seed, task))
+
+    def param_groups(self) -> list[dict]:
+        return sublora.param_groups(self.cfg, self.net.backbone, super().param_groups()[0]["params"])
+
+    def record_extra(self, task: int) -> None:
+        sublora.record_split(self.metrics, self.net.backbone, task)
+
     def begin_task(self, task: int, n_new_classes: int) -> None:
         super().begin_task(task, n_new_classes)
         sched = self.cfg.growth_schedule
         if sched is not None and task not in sched:
-            self.skip_adapter(task, reuse=self.cfg.skip_mode == "reuse")
+            skip_adapter(self.net.backbone, task, reuse=self.cfg.skip_mode == "reuse")
 
     def train_task(self, task: int, loader) -> None:
         """One fit of the task's epochs; with ``drift_threshold``, growth on drift (models/drift_growth.py)."""
@@ -112,9 +127,3 @@ class SDLoRAKD(SDLoRA):
             "task": task, "earlier": torch.tensor(old), "coefficients": coef.float(), "relative_residual": rel,
             "dropped": drop, "fold": gate.fold.cpu().clone(), "pruning_mask": gate.pruning_mask.cpu().clone()})
         return drop
-
-    def extra_tensors(self) -> dict[str, torch.Tensor]:
-        return {"gate.fold": self.gate.fold}
-
-    def load_extra_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.gate.fold.copy_(tensors["gate.fold"])

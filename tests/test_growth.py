@@ -312,7 +312,7 @@ def test_cost_by_share_halves_the_growth_cost_once_the_adapter_serves_two_tasks(
                               **dict(NEED, growth_cost=50.0))
     learner.run(dm)
     recs = [torch.load(Path(learner.run_dir) / f"beta_values_task_{t}.pt", weights_only=False) for t in (1, 2)]
-    assert [r["trained_adapter"] for r in recs] == [0, 0] and learner.served(0) == 3
+    assert [r["trained_adapter"] for r in recs] == [0, 0] and learner.net.backbone.tasks_served(0) == 3
     assert [r["growth_cost"] for r in recs] == [50.0, 25.0]
 
 

@@ -8,6 +8,7 @@ import torch
 
 from main import main, make_data_manager
 from models.drift_growth import DriftGrowth, relative_drift
+from models.reuse import skip_adapter
 from models.sdlora import SDLoRA
 from models.task_state import snapshot
 from utils.config import ConfigError, build_config
@@ -101,19 +102,19 @@ def test_an_undone_trial_gives_back_the_task_start_network_bit_for_bit(tiny, tmp
     learner, dm = learner_for(tiny, tmp_path, max_tasks=1, drift_threshold=0.1, **DRIFT)
     learner.run(dm)
     dm = make_data_manager(build_config(dict(tiny, max_tasks=2)), load_dataset(learner.cfg), 7)
-    learner._n_new = 2
+    learner.n_new = 2
     learner.begin_task(1, 2)
     x = torch.randn(4, 3, 32, 32)
     learner.net.train()
     before = learner.net(x).detach()
     growth = DriftGrowth(learner)
     state = snapshot(learner, 0)
-    learner.skip_adapter(1, reuse=True)
+    skip_adapter(learner.net.backbone, 1, reuse=True)
     learner.fit(1, learner.loader(dm.train_set(1, learner.train_tf), train=True, task=1),
                 learner.param_groups(), 1, "trial")
     assert not torch.equal(learner.net(x).detach(), before)  # the trial moved adapter 0, alphas, head
     growth.undo_trial(1, 0, state)
-    assert learner.gate.current == 1 and learner.gate.active_tasks() == [0, 1] and 1 not in learner.trained_by
+    assert learner.gate.current == 1 and learner.gate.active_tasks() == [0, 1] and 1 not in learner.net.backbone.served_by
     assert torch.equal(learner.net(x).detach(), before)
     trainable = {n for n, p in learner.net.named_parameters() if p.requires_grad and ".lora_" in n}
     assert trainable and all(n.endswith(".1") for n in trainable)
@@ -130,7 +131,7 @@ def test_drift_rule_reuses_or_grows_and_counts_the_trial(threshold, grows, tiny,
     assert all(g["drift"] > 0 for g in m["growth"])
     extra = steps_per_epoch if grows else 0   # an undone trial epoch is paid for
     assert m["train_steps"] == [3 * steps_per_epoch] + [3 * steps_per_epoch + extra] * 2
-    assert learner.trained_by == ({} if grows else {1: 0, 2: 0})
+    assert learner.net.backbone.served_by == ({} if grows else {1: 0, 2: 0})
     rec = torch.load(tmp_path / "growth_task_2.pt", weights_only=True)
     assert rec["reopened"] == (1 if grows else 0) and rec["trained_adapter"] == (2 if grows else 0)
 

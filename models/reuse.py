@@ -1,0 +1,26 @@
+"""Growth and reuse, shared by the methods that may leave a task without an adapter of its own (fixed growth
+schedules, growth on drift, the Gumbel growth rule): the task's adapter leaves the forward pass, and with reuse
+the latest earlier adapter is reopened and trains on the task in its place (and is saved with it)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from backbone.vit import LoRAViT
+
+
+def latest_adapter_before(backbone: LoRAViT, task: int) -> Optional[int]:
+    """The adapter a task without its own would reopen: the latest active one before it."""
+    earlier = [t for t in backbone.gate.active_tasks() if t < task]
+    return earlier[-1] if earlier else None
+
+
+def skip_adapter(backbone: LoRAViT, task: int, reuse: bool) -> None:
+    """Task ``task`` keeps no adapter of its own: it leaves the forward pass for good; with ``reuse`` the
+    latest earlier active adapter trains again in its place."""
+    backbone.gate.prune([task])
+    latest = latest_adapter_before(backbone, task)
+    if reuse and latest is not None:
+        backbone.serve(task, latest)
+        backbone.reopen(latest)
+    else:
+        backbone.configure()

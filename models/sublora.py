@@ -1,0 +1,55 @@
+"""SubLoRA's settings for a method whose adapters may train in a random subspace (``intrinsic_dim``): the
+subspace spec of each task, the check that the budget fits the backbone, the optimiser group of z with its own
+learning rate, and the learned split recorded per task. The parametrisation itself is backbone/subspace.py."""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from backbone.subspace import SubspaceSpec
+from backbone.vit import LoRAViT
+from utils.config import Config, ConfigError
+
+log = logging.getLogger("cl")
+
+
+def check_budget(cfg: Config, backbone: LoRAViT, rank: Callable[[int], int]) -> None:
+    """An intrinsic_dim the backbone cannot take is refused before any task trains."""
+    if cfg.intrinsic_dim is None:
+        return
+    n_blocks = len(backbone.layers)
+    smallest = 2 * n_blocks * len(cfg.lora_targets) * backbone.num_features * min(rank(t) for t in range(64))
+    if cfg.intrinsic_dim > smallest:
+        raise ConfigError(f"config key 'intrinsic_dim' = {cfg.intrinsic_dim} exceeds the {smallest:,} LoRA parameters "
+                          "of a task's adapter; lower it, or set it to null for plain LoRA")
+    if cfg.allocation_mode == "learned" and cfg.intrinsic_dim < n_blocks:
+        raise ConfigError(f"config key 'intrinsic_dim' = {cfg.intrinsic_dim}: \"allocation_mode\": \"learned\" splits "
+                          f"it over the {n_blocks} blocks; it must be >= {n_blocks}")
+
+
+def spec(cfg: Config, seed: int) -> Optional[SubspaceSpec]:
+    """The subspace of a task's adapter (``seed``: the task's own); None: plain LoRA factors."""
+    if cfg.intrinsic_dim is None:
+        return None
+    return SubspaceSpec(cfg.intrinsic_dim, cfg.allocation_mode, cfg.allocation_ratio, seed=1_000_003 + seed)
+
+
+def param_groups(cfg: Config, backbone: LoRAViT, params: list) -> list[dict]:
+    """The trainable tensors, with the subspace's z and split logits in a group of their own when
+    ``subspace_lr`` is set."""
+    sub = backbone.subspace
+    if sub is None or cfg.subspace_lr is None:
+        return [{"params": params}]
+    own = {id(p) for p in sub.parameters()}
+    return [{"params": [p for p in params if id(p) not in own]},
+            {"params": [p for p in params if id(p) in own], "lr": cfg.subspace_lr}]
+
+
+def record_split(metrics: dict, backbone: LoRAViT, task: int) -> None:
+    """The learned allocation of task ``task``: gamma_l, the share of block l's z that feeds B."""
+    split = backbone.subspace_split(task)
+    if split is not None:
+        metrics.setdefault("subspace_gamma", []).append([round(float(g), 4) for g in torch.sigmoid(split)])
+        log.info(f"Subspace split of task {task}, gamma per block (share of z on B): {metrics['subspace_gamma'][-1]}")
