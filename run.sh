@@ -4,6 +4,7 @@
 #   bash run.sh offline [--key value ...]   the README's growth table on the offline protocol (../shared CIFAR-100
 #                                           npz and ViT-S/14, img 112, 10 tasks, 50 train / 20 test images per class,
 #                                           5 epochs, batch 32): every method and variant of the table
+#   bash run.sh inflora [--key value ...]   InfLoRA beside SD-LoRA on the offline protocol (10 tasks, SEEDS)
 #   bash run.sh baselines [--key value ...] SD-LoRA, seq_lora and lora_task_id on the first 5 tasks of that protocol
 #   bash run.sh subspace [--key value ...]  the SubLoRA grid on the first 5 tasks of that protocol: intrinsic_dim
 #                                           1000 and 2000 x allocation uniform / fixed 0.8, 0.5, 0.2 / learned,
@@ -159,6 +160,18 @@ if [ "${1:-}" = "subspace" ]; then  # SubLoRA (exps/sublora_c100.json) on the fi
           --prefix "sublora_d${d}_fixed$r" "$@"
     done
     run "sublora_d${d}_learned" "${S[@]}" --intrinsic_dim $d --allocation_mode learned --prefix "sublora_d${d}_learned" "$@"
+  done
+  wait
+  summarize
+  exit 0
+fi
+
+if [ "${1:-}" = "inflora" ]; then  # InfLoRA beside SD-LoRA on the offline protocol (10 tasks), SEEDS
+  shift
+  for seed in $SEEDS; do
+    run "sdlora_$seed" --config=exps/sdlora_c100.json "${P[@]}" --prefix sdlora --seed $seed "$@"
+    # InfLoRA's own setup (Adam 5e-4, coda_cosine, k/v, crop scale 0.08) on the same classes and order
+    run "inflora_$seed" --config=exps/inflora_c100.json "${P[@]}" --shuffle true --prefix inflora --seed $seed "$@"
   done
   wait
   summarize
