@@ -7,8 +7,9 @@
 #   bash run.sh inflora [--key value ...]   InfLoRA beside SD-LoRA on the offline protocol (10 tasks, SEEDS)
 #   bash run.sh baselines [--key value ...] SD-LoRA, seq_lora and lora_task_id on the first 5 tasks of that protocol
 #   bash run.sh subspace [--key value ...]  the SubLoRA grid on the first 5 tasks of that protocol: intrinsic_dim
-#                                           1000 and 2000 x allocation uniform / fixed 0.8, 0.5, 0.2 / learned,
-#                                           and SD-LoRA with full rank-10 LoRA beside it (seed 1993)
+#                                           DIMS (default 1000 2000 5000) x allocation uniform / fixed 0.8, 0.5, 0.2 /
+#                                           learned / learned with split_lr SPLIT_LR (10), and subspace_norm none,
+#                                           with SD-LoRA's full rank-10 LoRA beside it (seed 1993)
 #   bash run.sh curve [--key value ...]     the growth trade curve on that protocol: SD-LoRA, fixed schedules with
 #                                           reuse at 2-5 adapters, the Gumbel rule, growth on drift (DRIFTS), over
 #                                           SEEDS_CURVE (default "1993 1994 1995"); --report draws A vs adapters
@@ -153,13 +154,20 @@ if [ "${1:-}" = "subspace" ]; then  # SubLoRA (exps/sublora_c100.json) on the fi
   shift
   S=(--config=exps/sublora_c100.json "${P[@]}" --max_tasks 5 --seed 1993)
   run sdlora_5tasks --config=exps/sdlora_c100.json "${P[@]}" --max_tasks 5 --seed 1993 --prefix sdlora_5tasks "$@"
-  for d in 1000 2000; do
+  for d in ${DIMS:-1000 2000 5000}; do
     run "sublora_d${d}_uniform" "${S[@]}" --intrinsic_dim $d --allocation_mode uniform --prefix "sublora_d${d}_uniform" "$@"
     for r in 80 50 20; do   # allocation_ratio = d_B / d (0.8: the notes' "B-heavy")
       run "sublora_d${d}_fixed$r" "${S[@]}" --intrinsic_dim $d --allocation_mode fixed --allocation_ratio 0.$r \
           --prefix "sublora_d${d}_fixed$r" "$@"
     done
     run "sublora_d${d}_learned" "${S[@]}" --intrinsic_dim $d --allocation_mode learned --prefix "sublora_d${d}_learned" "$@"
+    # the split with a rate of its own (SPLIT_LR), and the subspace adapters kept at their trained scale
+    run "sublora_d${d}_learned_slr" "${S[@]}" --intrinsic_dim $d --allocation_mode learned --split_lr "${SPLIT_LR:-10}" \
+        --prefix "sublora_d${d}_learned_slr" "$@"
+    run "sublora_d${d}_uniform_nonorm" "${S[@]}" --intrinsic_dim $d --allocation_mode uniform --subspace_norm none \
+        --prefix "sublora_d${d}_uniform_nonorm" "$@"
+    run "sublora_d${d}_learned_slr_nonorm" "${S[@]}" --intrinsic_dim $d --allocation_mode learned \
+        --split_lr "${SPLIT_LR:-10}" --subspace_norm none --prefix "sublora_d${d}_learned_slr_nonorm" "$@"
   done
   wait
   summarize

@@ -77,6 +77,8 @@ def adapter_norm(A: torch.Tensor, B: torch.Tensor, kind: str) -> torch.Tensor:
     """
     if kind == "factors":
         return A.flatten(1).norm(dim=1) * B.flatten(1).norm(dim=1)
+    if kind == "none":  # the direction keeps its trained scale
+        return A.new_ones(A.shape[0])
     if kind == "frobenius":
         gram = (B.transpose(1, 2) @ B) * (A @ A.transpose(1, 2))  # elementwise: trace(X Y) = sum X * Y^T
         return gram.sum(dim=(1, 2)).clamp_min(0).sqrt()
@@ -122,6 +124,7 @@ class LoRAQKV(nn.Module):
         self.targets = tuple(targets)
         self.offsets = tuple(SLICES[t] * self.dim for t in self.targets)
         self.direction_norm = direction_norm
+        self.norm_kind: dict[int, str] = {}  # adapters normalised otherwise than direction_norm (SubLoRA "none")
         self.strategy = strategy
         self.lora_A = nn.ParameterDict()  # task id -> (P, r, d)
         self.lora_B = nn.ParameterDict()  # task id -> (P, d, r)
@@ -174,7 +177,7 @@ class LoRAQKV(nn.Module):
             self._A_old = torch.cat(As, dim=1).contiguous()
             self._B_old = torch.cat(Bs, dim=2).contiguous()
             self._share_storage()
-            norms = torch.stack([adapter_norm(a, b, self.direction_norm) for a, b in zip(As, Bs)], dim=1)
+            norms = torch.stack([adapter_norm(a, b, self.norm_of(i)) for i, a, b in zip(self.frozen, As, Bs)], dim=1)
             # (P, n_frozen). An adapter that never trained (B = 0) has no direction: it adds 0, not NaN.
             self._inv_norm = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
             self._ranks_old = [a.shape[1] for a in As]
@@ -196,6 +199,10 @@ class LoRAQKV(nn.Module):
             if int(k) not in self.frozen and int(k) != self.current:
                 self.lora_A[k].data = self.lora_A[k].data.clone()
                 self.lora_B[k].data = self.lora_B[k].data.clone()
+
+    def norm_of(self, task: int) -> str:
+        """How adapter ``task``'s direction is normalised once frozen."""
+        return self.norm_kind.get(task, self.direction_norm)
 
     def current_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The current adapter's (A, B): its own parameters, or the override computed for this step."""
@@ -274,7 +281,7 @@ class LoRAQKV(nn.Module):
         tasks = self.frozen + ([self.current] if self.current is not None else [])
         for j, task in enumerate(tasks):
             A, B = self.current_factors() if task == self.current else (self.lora_A[str(task)], self.lora_B[str(task)])
-            norm = adapter_norm(A, B, self.direction_norm) if task != self.current else None
+            norm = adapter_norm(A, B, self.norm_of(task)) if task != self.current else None
             if norm is not None:
                 norm = torch.where(norm > 0, norm, torch.full_like(norm, float("inf")))  # zero adapter adds 0
             for p, o in enumerate(self.offsets):

@@ -39,6 +39,7 @@ class SubspaceSpec:
     mode: str = "uniform"
     ratio: float = 0.5  # fixed: d_B / d
     seed: int = 0
+    norm: str = "direction_norm"  # once frozen: divided by the layers' direction norm, or "none" (n = 1)
 
 
 class SparseProjection:

@@ -110,6 +110,8 @@ class LoRAViT(nn.Module):
         for layer, (A, B) in zip(self.layers, sub.factors()):
             layer.lora_A[str(sub.task)].data = A.clone()
             layer.lora_B[str(sub.task)].data = B.clone()
+            if sub.spec.norm == "none":
+                layer.norm_kind[sub.task] = "none"
         self.subspace_stored[sub.task] = {k: v.clone() for k, v in sub.stored().items()}
         self.subspace = None
 
@@ -122,7 +124,7 @@ class LoRAViT(nn.Module):
         with torch.no_grad():
             for layer in self.layers:
                 A, B = layer.lora_A[str(task)], layer.lora_B[str(task)]
-                norm = adapter_norm(A, B, layer.direction_norm)
+                norm = adapter_norm(A, B, layer.norm_of(task))
                 A.data = A.data.clone()  # out of the frozen stack, which configure() rebuilds without it
                 B.data = B.data / torch.where(norm > 0, norm, torch.ones_like(norm))[:, None, None]
         self.gate.current = task

@@ -33,18 +33,24 @@ def spec(cfg: Config, seed: int) -> Optional[SubspaceSpec]:
     """The subspace of a task's adapter (``seed``: the task's own); None: plain LoRA factors."""
     if cfg.intrinsic_dim is None:
         return None
-    return SubspaceSpec(cfg.intrinsic_dim, cfg.allocation_mode, cfg.allocation_ratio, seed=1_000_003 + seed)
+    return SubspaceSpec(cfg.intrinsic_dim, cfg.allocation_mode, cfg.allocation_ratio, seed=1_000_003 + seed,
+                        norm=cfg.subspace_norm)
 
 
 def param_groups(cfg: Config, backbone: LoRAViT, params: list) -> list[dict]:
     """The trainable tensors, with the subspace's z and split logits in a group of their own when
-    ``subspace_lr`` is set."""
+    ``subspace_lr`` is set, and the split logits alone in one when ``split_lr`` is."""
     sub = backbone.subspace
-    if sub is None or cfg.subspace_lr is None:
+    if sub is None or (cfg.subspace_lr is None and cfg.split_lr is None):
         return [{"params": params}]
-    own = {id(p) for p in sub.parameters()}
-    return [{"params": [p for p in params if id(p) not in own]},
-            {"params": [p for p in params if id(p) in own], "lr": cfg.subspace_lr}]
+    split = {id(sub.split)} if cfg.split_lr is not None and sub.split is not None else set()
+    own = {id(p) for p in sub.parameters()} - split if cfg.subspace_lr is not None else set()
+    groups = [{"params": [p for p in params if id(p) not in own | split]}]
+    if own:
+        groups.append({"params": [p for p in params if id(p) in own], "lr": cfg.subspace_lr})
+    if split:
+        groups.append({"params": [sub.split], "lr": cfg.split_lr})
+    return groups
 
 
 def record_split(metrics: dict, backbone: LoRAViT, task: int) -> None:

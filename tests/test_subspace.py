@@ -191,3 +191,68 @@ def test_subspace_lr_is_the_learning_rate_of_z_and_split_only(tiny, tmp_path):
     sub = learner.net.backbone.subspace
     assert {id(p) for p in own["params"]} == {id(sub.z), id(sub.split)} and own["lr"] == 0.5
     assert "lr" not in rest and len(rest["params"]) == 3  # alpha, head weight and bias: at lrate
+
+
+def _fit_split(target: str, split_lr: float, steps: int = 200) -> tuple[list[float], float]:
+    """z (lr 0.05) and the split logits (``split_lr``) fitted to a target only B (or only A) can reach."""
+    shapes = [(torch.Size([2, 4, 16]), torch.Size([2, 16, 4]))] * 3
+    sub = SubspaceAdapter(shapes, SubspaceSpec(60, "learned", seed=3), torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(0)
+    goal = [torch.randn(b if target == "B" else a, generator=g) for a, b in shapes]
+    start = [A.detach().clone() for A, _ in sub.factors()]  # theta_0's A: the target is a move away from it
+    opt = torch.optim.SGD([{"params": [sub.z], "lr": 0.05}, {"params": [sub.split], "lr": split_lr}])
+    for _ in range(steps):
+        loss = sum((((B if target == "B" else A - a0) - t) ** 2).sum()
+                   for (A, B), a0, t in zip(sub.factors(), start, goal))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.sigmoid(sub.split).tolist(), float(loss.detach())
+
+
+def test_split_lr_moves_the_learned_split_towards_the_side_that_matters():
+    """A target only B can reach pulls every block's gamma (share of z on B) up, one only A can reach pulls it
+    down; a frozen split stays at 0.5 and fits worse."""
+    up, loss_up = _fit_split("B", split_lr=1.0)
+    frozen, loss_frozen = _fit_split("B", split_lr=0.0)
+    down, _ = _fit_split("A", split_lr=1.0)
+    assert min(up) > 0.6 and max(down) < 0.4 and frozen == [0.5, 0.5, 0.5]
+    assert loss_up < 0.95 * loss_frozen
+
+
+def test_split_lr_is_the_split_logits_own_group(tiny, tmp_path):
+    learner, _ = tiny_learner(tiny, tmp_path, allocation_mode="learned", split_lr=2.0)
+    learner.begin_task(0, 2)
+    rest, split = learner.param_groups()
+    sub = learner.net.backbone.subspace
+    assert [id(p) for p in split["params"]] == [id(sub.split)] and split["lr"] == 2.0
+    assert id(sub.z) in {id(p) for p in rest["params"]} and "lr" not in rest
+    learner, _ = tiny_learner(tiny, tmp_path, allocation_mode="learned", split_lr=2.0, subspace_lr=0.5)
+    learner.begin_task(0, 2)
+    _, own, split = learner.param_groups()
+    assert [id(p) for p in own["params"]] == [id(learner.net.backbone.subspace.z)] and own["lr"] == 0.5
+    with pytest.raises(ConfigError, match="'split_lr' only applies to \"allocation_mode\": \"learned\""):
+        build_config(dict(tiny, intrinsic_dim=64, split_lr=1.0))
+    with pytest.raises(ConfigError, match="'subspace_norm' shapes the SubLoRA subspace"):
+        build_config(dict(tiny, subspace_norm="none"))
+
+
+@pytest.mark.parametrize("norm", ["direction_norm", "none"])
+def test_subspace_norm_none_keeps_the_trained_scale_at_freeze(norm, tiny, tmp_path):
+    """With "none" the frozen adapter's coefficient stays alpha (n = 1): freezing leaves the network as it was;
+    SD-LoRA's normalisation divides the direction by ||A|| ||B|| and changes it."""
+    learner, dm = tiny_learner(tiny, tmp_path, subspace_norm=norm)
+    learner.begin_task(0, 2)
+    sub = learner.net.backbone.subspace
+    with torch.no_grad():
+        sub.z.normal_(std=0.5)
+    x = torch.stack([dm.test_set(0, learner.test_tf)[i][0] for i in range(4)])
+    learner.net.train()
+    with torch.no_grad():
+        before = learner.net(x)
+    learner.end_task(0)
+    with torch.no_grad():
+        after = learner.net(x)
+    layer = learner.net.backbone.layers[0]
+    assert layer.norm_of(0) == ("none" if norm == "none" else "factors")
+    assert torch.allclose(after, before, atol=1e-5) == (norm == "none")

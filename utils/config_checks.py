@@ -85,10 +85,12 @@ def _subspace_checks(cfg: Config, raw: dict) -> list[str]:
     """SubLoRA keys: the allocation keys need intrinsic_dim, and a subspace adapter is never reopened."""
     d, errs = DEFAULTS, []
     if cfg.intrinsic_dim is None:
-        for key in ("allocation_mode", "allocation_ratio", "subspace_lr"):
+        for key in ("allocation_mode", "allocation_ratio", "subspace_lr", "split_lr", "subspace_norm"):
             if raw.get(key, getattr(d, key)) != getattr(d, key):
                 errs.append(f"config key '{key}' shapes the SubLoRA subspace: set 'intrinsic_dim' or remove it")
         return errs
+    if cfg.split_lr is not None and cfg.allocation_mode != "learned":
+        errs.append('config key \'split_lr\' only applies to "allocation_mode": "learned"')
     if raw.get("allocation_ratio", d.allocation_ratio) != d.allocation_ratio and cfg.allocation_mode != "fixed":
         errs.append('config key \'allocation_ratio\' only applies to "allocation_mode": "fixed"')
     d_b = int(round(cfg.allocation_ratio * cfg.intrinsic_dim))

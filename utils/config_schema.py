@@ -190,6 +190,12 @@ class Config:
     subspace_lr: Optional[float] = _key(
         None, "SubLoRA: learning rate of z and the split logits (default: lrate); P is an isometry, so an SGD "
         "step moves the factors by lr times the gradient's projection onto the subspace", SUBSPACE, check=_positive)
+    split_lr: Optional[float] = _key(
+        None, "SubLoRA learned allocation: learning rate of the split logits alone (default: as z); the split only "
+        "moves by the coordinates at each block's cut, so it may need a rate of its own", SUBSPACE, check=_positive)
+    subspace_norm: Literal["direction_norm", "none"] = _key(
+        "direction_norm", "SubLoRA: a frozen subspace adapter's direction divided by its norm as direction_norm says "
+        "(SD-LoRA's normalise-at-freeze), or not at all (\"none\": it keeps its trained scale, n_i = 1)", SUBSPACE)
     adapter_strategy: Literal["auto", "stacked", "merged", "loop"] = _key(
         "auto", "how the adapter sum is computed in training (auto: cost model per shape)", ANY_LORA)
 
