@@ -383,5 +383,7 @@ class Learner:
         t1 = time.perf_counter()
         res = self.evaluate(dm, task)
         t2 = time.perf_counter()
-        self.record(task, res, t1 - t0, t2 - t1)
+        # the checkpoint first: metrics.json listing the task is what marks it done for --resume, so a kill
+        # between the two writes leaves the task to be trained again, never a done task without its tensors
         self.save_task(task)
+        self.record(task, res, t1 - t0, t2 - t1)

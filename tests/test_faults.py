@@ -194,6 +194,8 @@ def test_a_write_that_fails_keeps_every_saved_file_and_stops_with_its_own_code(t
     (run_dir,) = log_dir.iterdir()
     assert not list(run_dir.glob(".*.tmp"))
     load_file(str(run_dir / "task_0.safetensors"))                      # saved before: whole
-    m = json.loads((run_dir / "metrics.json").read_text())               # metrics of task 1 were written first
-    assert len(m["A"]) == 2 and not (run_dir / "task_1.safetensors").exists()
+    m = json.loads((run_dir / "metrics.json").read_text())  # task 1 is not marked done without its checkpoint
+    assert len(m["A"]) == 1 and not (run_dir / "task_1.safetensors").exists()
     monkeypatch.setattr(io.os, "replace", real)
+    assert main(["--resume", str(run_dir)]) == 0  # the folder resumes: task 1 is trained again
+    assert len(json.loads((run_dir / "metrics.json").read_text())["A"]) == 2 and (run_dir / "task_1.safetensors").exists()
