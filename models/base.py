@@ -349,9 +349,10 @@ class Learner:
         for task in range(done + 1):
             self.n_new = dm.sizes[task]
             self.begin_task(task, dm.sizes[task])
-            self.net.backbone.load_adapter_tensors(task, load_tensors(self.run_dir / f"task_{task}.safetensors"))
+            ck = load_tensors(self.run_dir / f"task_{task}.safetensors")
+            self.net.backbone.load_adapter_tensors(task, ck)
             self.gate.current = None
-        ck = load_tensors(self.run_dir / f"task_{done}.safetensors")
+        # ck: the last task's checkpoint, which holds the whole head and the gate
         with torch.no_grad():
             self.net.head.weight.copy_(ck["head.weight"])
             self.net.head.bias.copy_(ck["head.bias"])

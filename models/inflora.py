@@ -166,8 +166,7 @@ class InfLoRA(Learner):
     def end_task(self, task: int) -> None:
         """B_t A_t joins the frozen qkv weight; the forward pass keeps no adapter of this task."""
         self.merge_adapter(task)
-        self.gate.current = None
-        self.net.backbone.configure()
+        self.net.backbone.freeze_current()  # no current adapter: IsolatedGate leaves none in the forward pass
 
     @torch.no_grad()
     def merge_adapter(self, task: int) -> None:

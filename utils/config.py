@@ -119,7 +119,7 @@ def _unknown_key_message(key: str) -> str:
         return f"config key '{key}' belongs to model_name {', '.join(repr(m) for m in owners)}; remove it"
     near = difflib.get_close_matches(key, list(FIELDS) + sorted({k for m in method_specs() for k in _own_fields(m)}),
                                      n=1, cutoff=0.6)
-    hint = f" Did you mean '{near[0]}'?" if near else " See utils/config.py for every key."
+    hint = f" Did you mean '{near[0]}'?" if near else " python main.py --keys lists every key."
     return f"unknown config key '{key}'.{hint}"
 
 

@@ -173,10 +173,6 @@ def _cifar(cfg) -> SplitData:
     return load_cifar100(cfg.data_path or "data/cifar100", cfg.download)
 
 
-def _folder(cfg) -> SplitData:
-    return load_image_folder(cfg.data_path or f"data/{cfg.dataset}")
-
-
 def _split_folder(cfg) -> SplitData:
     from utils.layouts import load_split_folder
     return load_split_folder(cfg.data_path or f"data/{cfg.dataset}", cfg.dataset)

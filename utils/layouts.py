@@ -119,7 +119,7 @@ def _check_one(path: str, decode: bool) -> str | None:
     try:
         with Image.open(path) as im:
             if decode:
-                im.convert("RGB").load()
+                im.convert("RGB")  # converting reads every pixel
         return None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for a bad file
         return f"{path} ({type(e).__name__}: {e})"
