@@ -30,6 +30,7 @@ import torch
 from backbone.gate import GumbelGate
 from models import register
 from models.base import Learner, log, task_seed
+from models.gumbel_keys import GumbelKeys, check_gumbel
 from models.reuse import latest_adapter_before, skip_adapter
 from models.task_state import restore, snapshot
 from utils import dist
@@ -37,7 +38,7 @@ from utils.gumbel_utils import gumbel_sparsemax, phase_temperature, sparsity_los
 from utils.io import load_tensors, save_torch
 
 
-@register("gumbel_sdlora")
+@register("gumbel_sdlora", keys=GumbelKeys, check=check_gumbel)
 class GumbelSDLoRA(Learner):
     default_alpha = 1.0
 

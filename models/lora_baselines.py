@@ -43,7 +43,14 @@ class SeqLoRA(Learner):
         self.net.backbone.configure()
 
 
-@register("lora_task_id")
+def _check_task_id(cfg, raw: dict) -> list[str]:
+    if not cfg.mask_old_logits:
+        return ["model_name 'lora_task_id' trains each task's head among its own classes: set "
+                "mask_old_logits to true"]
+    return []
+
+
+@register("lora_task_id", check=_check_task_id)
 class LoRATaskID(Learner):
     """Adapter t (w = 1, alone in the forward pass) and task t's head rows train on task t alone."""
 

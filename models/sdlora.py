@@ -14,10 +14,29 @@ from models import register, sublora
 from models.base import Learner, log, task_seed
 from models.drift_growth import DriftGrowth
 from models.reuse import skip_adapter
+from utils.config import DEFAULTS
 from utils.io import save_torch
 
 
-@register("sdlora")
+def _check(cfg, raw: dict) -> list[str]:
+    """Growth keys (a fixed schedule, reuse, growth on drift) that cannot run together, and SubLoRA's."""
+    errs, drift = [], cfg.drift_threshold is not None
+    if cfg.skip_mode != "none" and cfg.growth_schedule is None and not drift:
+        errs.append("config key 'skip_mode' applies to the tasks a 'growth_schedule' leaves without an adapter; "
+                    "set growth_schedule (or drift_threshold) or remove skip_mode")
+    if drift and (cfg.skip_mode != "reuse" or cfg.growth_schedule is not None):
+        errs.append("config key 'drift_threshold' decides growth by a reuse trial: it needs \"skip_mode\": \"reuse\" "
+                    "and no 'growth_schedule'")
+    if drift and cfg.trial_epochs >= cfg.epochs:
+        errs.append(f"config key 'trial_epochs' = {cfg.trial_epochs} must be below 'epochs' = {cfg.epochs}: the "
+                    "trial is the first part of a task")
+    for key in ("trial_epochs", "probe_images"):
+        if not drift and raw.get(key, getattr(DEFAULTS, key)) != getattr(DEFAULTS, key):
+            errs.append(f"config key '{key}' only applies with 'drift_threshold' set; remove it or set drift_threshold")
+    return errs + sublora.check_keys(cfg, raw)
+
+
+@register("sdlora", check=_check)
 class SDLoRA(Learner):
     """The base learner already is SD-LoRA: gate g = 1, alpha per task, one training phase. With
     ``growth_schedule``, only the tasks listed get an adapter (a fixed-growth baseline); the others
@@ -56,7 +75,7 @@ class SDLoRA(Learner):
                 {k: record[k] for k in ("task", "reopened", "drift", "grow", "trained_adapter")})
 
 
-@register("sdlora_rr")
+@register("sdlora_rr", check=_check)
 class SDLoRARR(SDLoRA):
     """SD-LoRA-RR: rank 10 for tasks 0-3, 8 for 4-7, 6 after (public default), or ``rank_schedule``."""
 

@@ -10,9 +10,31 @@ import torch
 
 from backbone.subspace import SubspaceSpec
 from backbone.vit import LoRAViT
-from utils.config import Config, ConfigError
+from utils.config import DEFAULTS, Config, ConfigError
 
 log = logging.getLogger("cl")
+
+
+def check_keys(cfg: Config, raw: dict) -> list[str]:
+    """SubLoRA keys: the allocation keys need intrinsic_dim, and a subspace adapter is never reopened."""
+    d, errs = DEFAULTS, []
+    if cfg.intrinsic_dim is None:
+        for key in ("allocation_mode", "allocation_ratio", "subspace_lr", "split_lr", "subspace_norm"):
+            if raw.get(key, getattr(d, key)) != getattr(d, key):
+                errs.append(f"config key '{key}' shapes the SubLoRA subspace: set 'intrinsic_dim' or remove it")
+        return errs
+    if cfg.split_lr is not None and cfg.allocation_mode != "learned":
+        errs.append('config key \'split_lr\' only applies to "allocation_mode": "learned"')
+    if raw.get("allocation_ratio", d.allocation_ratio) != d.allocation_ratio and cfg.allocation_mode != "fixed":
+        errs.append('config key \'allocation_ratio\' only applies to "allocation_mode": "fixed"')
+    d_b = int(round(cfg.allocation_ratio * cfg.intrinsic_dim))
+    if cfg.allocation_mode == "fixed" and not 1 <= d_b <= cfg.intrinsic_dim - 1:
+        errs.append(f"allocation_ratio {cfg.allocation_ratio} of intrinsic_dim {cfg.intrinsic_dim} leaves A or B "
+                    "no coordinate; pick a ratio nearer 0.5 or a larger intrinsic_dim")
+    if cfg.skip_mode == "reuse":
+        errs.append('config key \'intrinsic_dim\' with "skip_mode": "reuse": a reopened adapter has no '
+                    "subspace of its own; use skip_mode none or plain LoRA")
+    return errs
 
 
 def check_budget(cfg: Config, backbone: LoRAViT, rank: Callable[[int], int]) -> None:

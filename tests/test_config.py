@@ -151,3 +151,22 @@ def test_coda_cosine_schedule_matches_its_formula():
         sched.step()
     assert lrs == pytest.approx([0.5 * math.cos(99 * math.pi * e / (200 * 19)) for e in range(20)], rel=1e-12)
     assert lrs[-1] == pytest.approx(0.5 * 0.0157, rel=0.01)
+
+
+def test_gumbel_keys_live_in_its_file_and_an_earlier_config_json_still_loads():
+    """Gumbel CL-LoRA's keys are its own (models/gumbel_keys.py); a run folder's config.json from before they
+    moved lists every one at its default under any method, and must load (and resume) as it did."""
+    import dataclasses
+    import utils.config_schema as schema
+    from models.gumbel_keys import GumbelKeys
+    names = {f.name for f in dataclasses.fields(GumbelKeys)}
+    assert not names & {f.name for f in dataclasses.fields(schema.Config)}
+    earlier = {f.name: f.default for f in dataclasses.fields(GumbelKeys)}
+    cfg = build_config(dict(earlier, model_name="sdlora"))
+    assert not names & set(cfg.to_dict())
+    assert build_config(dict(earlier, model_name="gumbel_sdlora")).lambda_sparsity == 0.1
+    with pytest.raises(ConfigError, match="'growth_cost' belongs to model_name 'gumbel_sdlora' and is not used by "
+                                          "model_name 'sdlora'"):
+        build_config({"model_name": "sdlora", "growth_cost": 0.04})
+    with pytest.raises(ConfigError, match="'gumbel_tau_final' must be <= 'gumbel_tau_init'"):
+        build_config({"model_name": "gumbel_sdlora", "gumbel_tau_final": 9.0})

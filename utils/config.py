@@ -111,12 +111,24 @@ def _describe(hint: Any) -> str:
 HINTS = typing.get_type_hints(Config)
 
 
-def _unknown_key_message(key: str) -> str:
+def _owners(key: str) -> list[str]:
+    """The methods that declare ``key`` among their own keys."""
+    return [m for m in method_specs() if key in _own_fields(m)]
+
+
+def _at_owner_default(key: str, value: Any) -> bool:
+    """Another method's own key at that method's default does nothing here: accepted and dropped, as a shared
+    key of another method is (the config.json of a run from before the key moved into its method lists it)."""
+    return any(value == _own_fields(m)[key].default for m in _owners(key))
+
+
+def _unknown_key_message(key: str, model_name: str) -> str:
     if key in RENAMED:
         return f"config key '{key}' is not used here: {RENAMED[key]}"
-    owners = [m for m in method_specs() if key in _own_fields(m)]
+    owners = _owners(key)
     if owners:
-        return f"config key '{key}' belongs to model_name {', '.join(repr(m) for m in owners)}; remove it"
+        return (f"config key '{key}' belongs to model_name {', '.join(repr(m) for m in owners)} and is not used "
+                f"by model_name '{model_name}'; remove it")
     near = difflib.get_close_matches(key, list(FIELDS) + sorted({k for m in method_specs() for k in _own_fields(m)}),
                                      n=1, cutoff=0.6)
     hint = f" Did you mean '{near[0]}'?" if near else " python main.py --keys lists every key."
@@ -148,8 +160,10 @@ def build_config(raw: dict) -> Config:
         elif key in own:
             problem = _check_value(key, value, own[key], own_hints[key])
             mine[key] = value
+        elif _at_owner_default(key, value):
+            problem = None
         else:
-            problem = _unknown_key_message(key)
+            problem = _unknown_key_message(key, name)
         if problem:
             errors.append(problem)
     if errors:

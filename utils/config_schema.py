@@ -9,7 +9,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-GUMBEL = ("gumbel_sdlora",)
 KD = ("sdlora_kd",)
 LORA_METHODS = ("sdlora", "sdlora_rr", "sdlora_kd", "gumbel_sdlora")
 PLAIN_LORA = ("seq_lora", "lora_task_id")  # the explainer's references: plain LoRA, no magnitudes
@@ -39,14 +38,6 @@ def _non_negative(v) -> Optional[str]:
 
 def _fraction(v) -> Optional[str]:
     return None if 0 < v <= 1 else "must be in (0, 1]"
-
-
-def _warmup(v) -> Optional[str]:
-    return None if 0 <= v < 1 else "must be in [0, 1)"
-
-
-def _holdout(v) -> Optional[str]:
-    return None if 0 <= v <= 0.5 else "must be in [0, 0.5]"
 
 
 def _zero(v) -> Optional[str]:
@@ -226,45 +217,6 @@ class Config:
     amp: bool = _key(False, "bf16 autocast (CUDA only)")
     compile: bool = _key(False, "torch.compile the backbone (CUDA only)")
     tf32: bool = _key(True, "allow TF32 matmuls on CUDA")
-
-    # --- Gumbel CL-LoRA (SPEC section 3) ---------------------------------------------------
-    gumbel_tau_init: float = _key(5.0, "initial temperature", GUMBEL, check=_positive)
-    gumbel_tau_final: float = _key(0.5, "final temperature", GUMBEL, check=_positive)
-    gumbel_tau_schedule: Literal["step", "phase"] = _key(
-        "step", "step: tau_final + (tau_init - tau_final) * rate**s over optimiser steps s (the notes'); "
-        "phase: geometric from tau_init to tau_final over the phase, whatever its number of steps", GUMBEL)
-    gumbel_anneal_rate: float = _key(0.999, "step schedule: tau decays by this factor per optimiser step", GUMBEL,
-                                     check=_fraction)
-    lambda_sparsity: float = _key(0.1, "weight of the entropy sparsity term", GUMBEL, check=_non_negative)
-    sparsity_eps: float = _key(1e-8, "eps inside log(beta + eps)", GUMBEL, check=_positive)
-    gate_scope: Literal["all", "previous", "new"] = _key(
-        "all", "all: gate every active adapter; previous: only old ones; new: only the new adapter, against a "
-        "skip option, old adapters anchored at the gate value their own task ended with", GUMBEL)
-    gate_granularity: Literal["task", "layer"] = _key("task", "one beta for all blocks, or one per block", GUMBEL)
-    two_phase: bool = _key(True, "phase 1 selection, then phase 2 magnitudes and new adapter", GUMBEL)
-    phase1_fraction: float = _key(0.6, "share of epochs in phase 1 (rounded up)", GUMBEL, check=_fraction)
-    warmup_fraction: float = _key(0.0, "share of epochs (rounded up) that train the new adapter ungated (g = 1) "
-                                  "with alphas and head, before phase 1 judges it", GUMBEL, check=_warmup)
-    growth_cost: float = _key(0.0, "phase 1 price of the new adapter: loss += growth_cost * its gate value "
-                              "(nats per unit of gate)", GUMBEL, check=_non_negative)
-    selection_holdout: float = _key(0.0, "share of each new class's training images kept out of the warm-up "
-                                    "and used alone, head frozen, by phase 1 to judge the new adapter "
-                                    "(0: phase 1 trains on the task's whole data)", GUMBEL, check=_holdout)
-    retrain: Literal["none", "skip", "all"] = _key(
-        "none", "after the growth decision, restart the task (head, magnitudes, new adapter as it found them) and "
-        "train the chosen structure for all epochs: never, when the new adapter was pruned, or always", GUMBEL)
-    cost_by_share: bool = _key(False, "with skip_mode reuse: divide growth_cost by the number of tasks the "
-                               "adapter a skip would reopen already serves", GUMBEL)
-    gate_lr: Optional[float] = _key(None, "learning rate of the gate logits (default: lrate)", GUMBEL,
-                                    check=_positive)
-    alpha_lr: float = _key(0.04, "phase 2 learning rate of alpha", GUMBEL, check=_positive)
-    lambda_alpha: float = _key(1e-4, "phase 2 weight of sum(alpha^2)", GUMBEL, check=_non_negative)
-    prune_rule: Literal["threshold", "frequency"] = _key("threshold", "how the growth decision is made", GUMBEL)
-    growth_threshold: float = _key(1e-6, "threshold rule: prune if beta <= this", GUMBEL, check=_non_negative)
-    prune_samples: int = _key(10, "frequency rule: Gumbel samples", GUMBEL, check=_positive)
-    prune_threshold: float = _key(0.2, "frequency rule: prune if selection frequency < this", GUMBEL,
-                                  check=_non_negative)
-    prune_scope: Literal["all", "new"] = _key("all", "which adapters may be pruned", GUMBEL)
 
     # --- SD-LoRA-KD (SPEC section 4) -------------------------------------------------------
     kd_threshold: float = _key(0.5, "drop the new adapter when its direction's least-squares fit onto the "
