@@ -153,8 +153,8 @@ fi
 
 if [ "${1:-}" = "subspace" ]; then  # SubLoRA (exps/sublora_c100.json) on the first 5 tasks of the protocol
   shift
-  S=(--config=exps/sublora_c100.json "${P[@]}" --max_tasks 5 --seed 1993)
-  run sdlora_5tasks --config=exps/sdlora_c100.json "${P[@]}" --max_tasks 5 --seed 1993 --prefix sdlora_5tasks "$@"
+  S=(--config=exps/sublora_c100.json "${P[@]}" --max_tasks 5 --seed "${SEED:-1993}")
+  run sdlora_5tasks --config=exps/sdlora_c100.json "${P[@]}" --max_tasks 5 --seed "${SEED:-1993}" --prefix sdlora_5tasks "$@"
   for d in ${DIMS:-1000 2000 5000}; do
     run "sublora_d${d}_uniform" "${S[@]}" --intrinsic_dim $d --allocation_mode uniform --prefix "sublora_d${d}_uniform" "$@"
     for r in 80 50 20; do   # allocation_ratio = d_B / d (0.8: the notes' "B-heavy")
