@@ -1,5 +1,7 @@
 """The benchmark scripts run (tiny settings) and print what they promise."""
-from benchmarks import adapters, epoch
+import torch
+
+from benchmarks import adapters, epoch, inflora_inputs
 
 
 def test_adapter_benchmark_prints_every_variant_and_target(capsys):
@@ -19,3 +21,22 @@ def test_epoch_benchmark_reports_throughput(capsys, tmp_path):
     lines = {line.split("  ")[0].strip() for line in out.splitlines() if "img/s" in line}
     assert lines == {"plain", "compute", "loader", "device", "loader data", "device data"}
     assert out.count("end to end / compute") == 2 and out.count("of the compute time") == 2
+
+
+def test_rms_through_is_the_root_mean_square_of_A_x():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 6, generator=g, dtype=torch.float64) * torch.arange(1, 7)  # uneven spectrum
+    A = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    brute = (x @ A.T).pow(2).sum(1).mean().sqrt()
+    assert abs(inflora_inputs.rms_through(A, x.T @ x / len(x)) - float(brute)) < 1e-10
+
+
+def test_inflora_inputs_prints_a_row_per_block(capsys):
+    inflora_inputs.main(["--config", "exps/demo.json", "--model_name", "inflora", "--images", "8",
+                         "--train_per_class", "8"])
+    rows = [r for r in (line.split() for line in capsys.readouterr().out.splitlines())
+            if len(r) == 7 and r[0].isdigit()]
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 3]  # demo.json's depth
+    for r in rows:
+        top, top2, dims, inf, lora, ratio = map(float, r[1:])
+        assert 0 < top <= top2 <= 1 and dims >= 1 and abs(inf / lora - ratio) < 0.06
