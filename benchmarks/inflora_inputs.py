@@ -47,7 +47,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         learner = get_learner(cfg.model_name)(cfg, device, Path(tmp), cfg.seeds[0])
         learner.begin_task(0, dm.sizes[0])
-        subset = torch.utils.data.Subset(dm.train_set(0, learner.test_tf), range(args.images))
+        train = dm.train_set(0, learner.test_tf)
+        subset = torch.utils.data.Subset(train, range(min(args.images, len(train))))
         covs = learner.input_covariance(learner.loader(subset, train=False, task=0))
         print(f"{len(subset)} task-0 images, test transform; lamb {cfg.lamb}, rank {cfg.lora_rank}")
         print(f"{'block':>5} {'top/trace':>9} {'top^2/sum^2':>11} {'dims@lamb':>9} {'|Ax| inf':>9} "
