@@ -10,7 +10,7 @@
 #   bash run.sh subspace [--key value ...]  the SubLoRA grid on the first 5 tasks of that protocol: intrinsic_dim
 #                                           DIMS (default 1000 2000 5000) x allocation uniform (the shipped config,
 #                                           and with SD-LoRA's normalisation at subspace_lr 0.1) / fixed 0.8, 0.5, 0.2
-#                                           / learned with split_lr SPLIT_LR (10), with SD-LoRA's full rank-10 LoRA
+#                                           / learned with split_lr SPLIT_LR (1), with SD-LoRA's full rank-10 LoRA
 #                                           beside it (seed SEED, default 1993)
 #   bash run.sh curve [--key value ...]     the growth trade curve on that protocol: SD-LoRA, fixed schedules with
 #                                           reuse at 2-5 adapters, the Gumbel rule, growth on drift (DRIFTS), over
@@ -167,7 +167,7 @@ if [ "${1:-}" = "subspace" ]; then  # SubLoRA (exps/sublora_c100.json) on the fi
           --prefix "sublora_d${d}_fixed$r" "$@"
     done
     # the learned split with a rate of its own (SPLIT_LR)
-    run "sublora_d${d}_learned_slr" "${S[@]}" --intrinsic_dim $d --allocation_mode learned --split_lr "${SPLIT_LR:-10}" \
+    run "sublora_d${d}_learned_slr" "${S[@]}" --intrinsic_dim $d --allocation_mode learned --split_lr "${SPLIT_LR:-1}" \
         --prefix "sublora_d${d}_learned_slr" "$@"
   done
   wait
