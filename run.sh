@@ -8,8 +8,8 @@
 #                                           setup, Adam at 2e-3 constant, and the head-only floor (linear_probe)
 #   bash run.sh baselines [--key value ...] SD-LoRA, seq_lora and lora_task_id on the first 5 tasks of that protocol
 #   bash run.sh subspace [--key value ...]  the SubLoRA grid on the first 5 tasks of that protocol: intrinsic_dim
-#                                           DIMS (default 1000 2000 5000) x allocation uniform (the shipped config,
-#                                           and with SD-LoRA's normalisation at subspace_lr 0.1) / fixed 0.8, 0.5, 0.2
+#                                           DIMS (default 1000 2000 5000) x allocation uniform (and with SD-LoRA's
+#                                           normalisation at subspace_lr 0.1) / fixed 0.8 (the shipped config), 0.5, 0.2
 #                                           / learned with split_lr SPLIT_LR (1), with SD-LoRA's full rank-10 LoRA
 #                                           beside it (seed SEED, default 1993)
 #   bash run.sh curve [--key value ...]     the growth trade curve on that protocol: SD-LoRA, fixed schedules with
@@ -157,17 +157,19 @@ if [ "${1:-}" = "subspace" ]; then  # SubLoRA (exps/sublora_c100.json) on the fi
   S=(--config=exps/sublora_c100.json "${P[@]}" --max_tasks 5 --seed "${SEED:-1993}")
   run sdlora_5tasks --config=exps/sdlora_c100.json "${P[@]}" --max_tasks 5 --seed "${SEED:-1993}" --prefix sdlora_5tasks "$@"
   for d in ${DIMS:-1000 2000 5000}; do
-    # the shipped setting (uniform, subspace_norm none, its subspace_lr), and the first grid's (SD-LoRA's
-    # normalise-at-freeze, subspace_lr 0.1)
-    run "sublora_d${d}_uniform" "${S[@]}" --intrinsic_dim $d --prefix "sublora_d${d}_uniform" "$@"
-    run "sublora_d${d}_uniform_sdnorm" "${S[@]}" --intrinsic_dim $d --subspace_norm direction_norm --subspace_lr 0.1 \
-        --prefix "sublora_d${d}_uniform_sdnorm" "$@"
-    for r in 80 50 20; do   # allocation_ratio = d_B / d (0.8: the notes' "B-heavy")
+    # uniform at the shipped rate and normalisation (none, subspace_lr 0.3), and as the first grid ran it
+    # (SD-LoRA's normalise-at-freeze, subspace_lr 0.1); allocation_ratio back to its default, which uniform needs
+    U=(--allocation_mode uniform --allocation_ratio 0.5)
+    run "sublora_d${d}_uniform" "${S[@]}" --intrinsic_dim $d "${U[@]}" --prefix "sublora_d${d}_uniform" "$@"
+    run "sublora_d${d}_uniform_sdnorm" "${S[@]}" --intrinsic_dim $d "${U[@]}" --subspace_norm direction_norm \
+        --subspace_lr 0.1 --prefix "sublora_d${d}_uniform_sdnorm" "$@"
+    for r in 80 50 20; do   # allocation_ratio = d_B / d (0.8: the notes' "B-heavy", the shipped setting)
       run "sublora_d${d}_fixed$r" "${S[@]}" --intrinsic_dim $d --allocation_mode fixed --allocation_ratio 0.$r \
           --prefix "sublora_d${d}_fixed$r" "$@"
     done
     # the learned split with a rate of its own (SPLIT_LR)
-    run "sublora_d${d}_learned_slr" "${S[@]}" --intrinsic_dim $d --allocation_mode learned --split_lr "${SPLIT_LR:-1}" \
+    run "sublora_d${d}_learned_slr" "${S[@]}" --intrinsic_dim $d --allocation_mode learned --allocation_ratio 0.5 \
+        --split_lr "${SPLIT_LR:-1}" \
         --prefix "sublora_d${d}_learned_slr" "$@"
   done
   wait
