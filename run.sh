@@ -10,8 +10,9 @@
 #   bash run.sh subspace [--key value ...]  the SubLoRA grid on the first 5 tasks of that protocol: intrinsic_dim
 #                                           DIMS (default 1000 2000 5000) x allocation uniform (and with SD-LoRA's
 #                                           normalisation at subspace_lr 0.1) / fixed 0.8 (the shipped config), 0.5, 0.2
-#                                           / learned with split_lr SPLIT_LR (1), with SD-LoRA's full rank-10 LoRA
-#                                           beside it (seed SEED, default 1993)
+#                                           / learned with split_lr SPLIT_LR (10), subspace_lr 0.4 / 0.3 / 0.2 at d =
+#                                           1000 / 2000 / 5000, with SD-LoRA's full rank-10 LoRA beside it (seed SEED,
+#                                           default 1993)
 #   bash run.sh curve [--key value ...]     the growth trade curve on that protocol: SD-LoRA, fixed schedules with
 #                                           reuse at 2-5 adapters, the Gumbel rule, growth on drift (DRIFTS), over
 #                                           SEEDS_CURVE (default "1993 1994 1995"); --report draws A vs adapters
@@ -157,19 +158,22 @@ if [ "${1:-}" = "subspace" ]; then  # SubLoRA (exps/sublora_c100.json) on the fi
   S=(--config=exps/sublora_c100.json "${P[@]}" --max_tasks 5 --seed "${SEED:-1993}")
   run sdlora_5tasks --config=exps/sdlora_c100.json "${P[@]}" --max_tasks 5 --seed "${SEED:-1993}" --prefix sdlora_5tasks "$@"
   for d in ${DIMS:-1000 2000 5000}; do
-    # uniform at the shipped rate and normalisation (none, subspace_lr 0.3), and as the first grid ran it
+    # the rate for z at budget d: 0.3 sqrt(2000 / d), to one decimal (0.4, 0.3, 0.2 at d = 1000, 2000, 5000; measured
+    # best at each): a step on z moves the factors by ~ lr sqrt(d / n) |gradient|, the same at every d
+    R=(--subspace_lr "$(awk -v d="$d" 'BEGIN { printf "%.1f", 0.3 * sqrt(2000 / d) }')")
+    # uniform at that rate and the shipped normalisation (none), and as the first grid ran it
     # (SD-LoRA's normalise-at-freeze, subspace_lr 0.1); allocation_ratio back to its default, which uniform needs
     U=(--allocation_mode uniform --allocation_ratio 0.5)
-    run "sublora_d${d}_uniform" "${S[@]}" --intrinsic_dim $d "${U[@]}" --prefix "sublora_d${d}_uniform" "$@"
+    run "sublora_d${d}_uniform" "${S[@]}" --intrinsic_dim $d "${R[@]}" "${U[@]}" --prefix "sublora_d${d}_uniform" "$@"
     run "sublora_d${d}_uniform_sdnorm" "${S[@]}" --intrinsic_dim $d "${U[@]}" --subspace_norm direction_norm \
         --subspace_lr 0.1 --prefix "sublora_d${d}_uniform_sdnorm" "$@"
     for r in 80 50 20; do   # allocation_ratio = d_B / d (0.8: the notes' "B-heavy", the shipped setting)
-      run "sublora_d${d}_fixed$r" "${S[@]}" --intrinsic_dim $d --allocation_mode fixed --allocation_ratio 0.$r \
+      run "sublora_d${d}_fixed$r" "${S[@]}" --intrinsic_dim $d "${R[@]}" --allocation_mode fixed --allocation_ratio 0.$r \
           --prefix "sublora_d${d}_fixed$r" "$@"
     done
     # the learned split with a rate of its own (SPLIT_LR)
-    run "sublora_d${d}_learned_slr" "${S[@]}" --intrinsic_dim $d --allocation_mode learned --allocation_ratio 0.5 \
-        --split_lr "${SPLIT_LR:-1}" \
+    run "sublora_d${d}_learned_slr" "${S[@]}" --intrinsic_dim $d "${R[@]}" --allocation_mode learned --allocation_ratio 0.5 \
+        --split_lr "${SPLIT_LR:-10}" \
         --prefix "sublora_d${d}_learned_slr" "$@"
   done
   wait
