@@ -158,8 +158,8 @@ if [ "${1:-}" = "subspace" ]; then  # SubLoRA (exps/sublora_c100.json) on the fi
   S=(--config=exps/sublora_c100.json "${P[@]}" --max_tasks 5 --seed "${SEED:-1993}")
   run sdlora_5tasks --config=exps/sdlora_c100.json "${P[@]}" --max_tasks 5 --seed "${SEED:-1993}" --prefix sdlora_5tasks "$@"
   for d in ${DIMS:-1000 2000 5000}; do
-    # the rate for z at budget d: 0.3 sqrt(2000 / d), to one decimal (0.4, 0.3, 0.2 at d = 1000, 2000, 5000; measured
-    # best at each): a step on z moves the factors by ~ lr sqrt(d / n) |gradient|, the same at every d
+    # the rate for z at budget d: 0.3 sqrt(2000 / d), to one decimal (0.4, 0.3, 0.2 at d = 1000, 2000, 5000; each beat
+    # 0.3 where it differs, README): a step on z moves the factors by ~ lr sqrt(d / n) |gradient|, the same at every d
     R=(--subspace_lr "$(awk -v d="$d" 'BEGIN { printf "%.1f", 0.3 * sqrt(2000 / d) }')")
     # uniform at that rate and the shipped normalisation (none), and as the first grid ran it
     # (SD-LoRA's normalise-at-freeze, subspace_lr 0.1); allocation_ratio back to its default, which uniform needs
@@ -173,8 +173,7 @@ if [ "${1:-}" = "subspace" ]; then  # SubLoRA (exps/sublora_c100.json) on the fi
     done
     # the learned split with a rate of its own (SPLIT_LR)
     run "sublora_d${d}_learned_slr" "${S[@]}" --intrinsic_dim $d "${R[@]}" --allocation_mode learned --allocation_ratio 0.5 \
-        --split_lr "${SPLIT_LR:-10}" \
-        --prefix "sublora_d${d}_learned_slr" "$@"
+        --split_lr "${SPLIT_LR:-10}" --prefix "sublora_d${d}_learned_slr" "$@"
   done
   wait
   summarize
