@@ -26,7 +26,9 @@ from utils.config import (Config, ConfigError, build_config, check_device, descr
 from utils.data_manager import DataManager
 from utils.datasets import DataError, load_dataset
 from utils.tracking import TrackingError, check_loggers
+from utils.fork import check_fork, copy_prefix
 from utils.io import CheckpointError, RunFolderBusy, RunLock, WriteError, new_run_dir, save_json
+from utils.protocols import apply_protocol
 
 #: Exit codes: 0 done, 2 bad input (config, data, weights, checkpoint), 3 NaN/inf loss, 74 a write failed,
 #: 75 the run folder is busy, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, sent before preemption).
@@ -137,6 +139,39 @@ def resume(run_dir: Path, overrides: dict) -> Path:
         lock.release()
 
 
+def fork(parent: Path, k: int, config: str | None, overrides: dict) -> Path:
+    """A new run folder with the parent's tasks 0..k-1 (copied, the parent untouched), trained on from task k
+    under the new config: ``config`` (or the parent's config.json) with the overrides (utils/fork.py)."""
+    if not (parent / "config.json").is_file():
+        raise ConfigError(f"--fork_from '{parent}' is not a run folder (no config.json)")
+    parent_raw = json.loads((parent / "config.json").read_text())
+    parent_cfg = build_config(parent_raw)
+    if config is not None:
+        cfg = load_config(config, overrides)
+    else:  # the parent's resolved keys; a protocol given now is laid over them
+        cfg = build_config(apply_protocol(parent_raw, overrides) if "protocol" in overrides
+                           else dict(parent_raw, **overrides))
+    check_fork(parent, parent_cfg, cfg, k)
+    device = resolve_device(cfg.device)
+    dist.init(device.type)
+    check_distributed(cfg)
+    check_device(cfg, device.type)
+    check_writable(cfg.log_dir)
+    check_loggers(cfg.loggers)
+    seed = cfg.seeds[0]
+    run_dir = new_run_dir(cfg.log_dir, f"{cfg.prefix}_{cfg.dataset}_{cfg.model_name}_{seed}")
+    lock = RunLock(run_dir).acquire()
+    try:
+        save_json(run_dir / "config.json", dict(cfg.to_dict(), seed=seed))
+        copied = copy_prefix(parent, run_dir, k, parent_raw)
+        setup_logging(run_dir)
+        logging.getLogger("cl").info(f"Run folder: {run_dir}, forked from {parent} at task {k} "
+                                     f"({len(copied)} files of tasks 0..{k - 1} copied; fork.json)")
+        return _continue(run_dir, cfg, device)
+    finally:
+        lock.release()
+
+
 def _continue(run_dir: Path, cfg: Config, device: torch.device) -> Path:
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {"A": []}
@@ -177,7 +212,12 @@ def _main(argv: list[str] | None = None) -> int:
                                      epilog="Any config key can be overridden: --epochs 1 --pretrained false "
                                             "--lora_targets '[\"q\",\"v\"]' (values are read as JSON).")
     parser.add_argument("--config", help="JSON config file (see exps/)")
+    parser.add_argument("--protocol", help="a protocol file (exps/protocols/): data subset, image size, epochs, ... "
+                                           "laid over the config, under the --key overrides")
     parser.add_argument("--resume", help="run folder to continue after its last completed task")
+    parser.add_argument("--fork_from", metavar="RUN_DIR", help="a new run that keeps this run's first --fork_task "
+                                                               "tasks and trains the rest under --config / overrides")
+    parser.add_argument("--fork_task", type=int, metavar="K", help="with --fork_from: tasks 0..K-1 come from the parent")
     parser.add_argument("--keys", action="store_true", help="list every config key with its default and exit")
     parser.add_argument("--report", nargs="+", metavar="RUN_DIR",
                         help="figures (RUN_DIR/plots/) and tables of finished runs; with several, a comparison")
@@ -197,8 +237,15 @@ def _main(argv: list[str] | None = None) -> int:
         return 0
     try:
         overrides = parse_overrides(rest)
+        if args.protocol:
+            overrides["protocol"] = args.protocol
         if args.resume:
             resume(Path(args.resume), overrides)
+            return 0
+        if (args.fork_from is None) != (args.fork_task is None):
+            parser.error("--fork_from RUN_DIR and --fork_task K go together")
+        if args.fork_from:
+            fork(Path(args.fork_from), args.fork_task, args.config, overrides)
             return 0
         if not args.config:
             parser.error("--config is required (for example --config=exps/demo.json)")

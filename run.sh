@@ -18,6 +18,10 @@
 #                                           SEEDS_CURVE (default "1993 1994 1995"); --report draws A vs adapters
 #   bash run.sh shifted [--key value ...]   the same rows on a stream whose tasks SHIFT (default [3,4,8]) are shown
 #                                           greyscale and inverted (shift_tasks)
+#   bash run.sh quick [--key value ...]     the protocol check: SD-LoRA, the Gumbel rule, growth on drift (0.3), the
+#                                           schedules [0,3,6] and [0,2,4,6,8] with reuse, seq_lora, the head-only
+#                                           floor and InfLoRA (Adam 2e-3) on exps/protocols/$PROTOCOL.json (default
+#                                           quick; PROTOCOL=offline gives the same rows on the offline protocol)
 #   bash run.sh scan [--key value ...]      the growth-rule scan on the offline protocol: gumbel_c100.json with
 #                                           other warm-up / selection lengths and growth costs
 # SEEDS (default "1993 1994") are the seeds of the SD-LoRA and chosen-rule rows (offline) and of every scan row;
@@ -38,14 +42,33 @@ LOG_DIR=${LOG_DIR:-logs}
 mkdir -p "$LOG_DIR"
 
 OUTS=()
+declare -A STARTED=()
+PROGRESS_EVERY=${PROGRESS_EVERY:-60}  # seconds between progress lines while runs are in the background
+progress() {  # one line per background run still going: its task and the seconds since it started
+  local f name task
+  for f in "${OUTS[@]}"; do
+    name=$(basename "$f" .out)
+    grep -q -E "^error:|Done:|all [0-9]+ tasks are already done" "$f" 2>/dev/null && continue
+    task=$(grep -o "(task [0-9]*/[0-9]*)" "$f" 2>/dev/null | tail -n 1 | tr -d '()')
+    echo "... $name: ${task:-starting}, $((SECONDS - STARTED[$name])) s"
+  done
+}
+wait_below() {  # wait until fewer than $1 background runs are going, with a progress line every PROGRESS_EVERY s
+  local last=$SECONDS
+  while [ "$(jobs -rp | wc -l)" -ge "$1" ]; do
+    sleep 2
+    if [ $((SECONDS - last)) -ge "$PROGRESS_EVERY" ]; then progress; last=$SECONDS; fi
+  done
+}
 run() {  # run NAME ARGS...: one main.py run, its console output in $LOG_DIR/NAME.out
   local name=$1; shift
   [[ $name =~ $ONLY ]] || return 0
   OUTS+=("$LOG_DIR/$name.out")
+  STARTED[$name]=$SECONDS
   echo "=== $name: $PY main.py $*"
   if [ "$JOBS" -gt 1 ]; then
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" main.py "$@" --log_dir "$LOG_DIR" > "$LOG_DIR/$name.out" 2>&1 &
-    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+    wait_below "$JOBS"
   else
     "$PY" main.py "$@" --log_dir "$LOG_DIR" 2>&1 | tee "$LOG_DIR/$name.out"
   fi
@@ -66,12 +89,33 @@ summarize() {  # the report over the run folders named in the console logs (runs
 
 SEEDS=${SEEDS:-1993 1994}
 SHARED=${SHARED:-../shared}
-P=(--dataset cifar100 --data_path "$SHARED/data/cifar100/cifar100.npz" --download false
-   --backbone_type vit_small_patch14_dinov2
-   --pretrained_path "$SHARED/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors"
-   --img_size 112 --init_cls 10 --increment 10 --train_per_class 50 --test_per_class 20
-   --epochs 5 --batch_size 32 --num_workers 0 --progress false
-   --augment_on loader)  # the README's tables were run with per-image torchvision transforms
+P=(--protocol exps/protocols/offline.json --data_path "$SHARED/data/cifar100/cifar100.npz"
+   --pretrained_path "$SHARED/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors")  # the offline protocol (exps/protocols/offline.json) on the files in SHARED
+
+if [ "${1:-}" = "quick" ]; then
+  # the protocol check (README, "The quick protocol"): eight rows with offline-protocol numbers, on PROTOCOL
+  # (default quick: exps/protocols/quick.json; PROTOCOL=offline runs the same rows on the offline protocol), SEEDS
+  shift
+  PROTO=${PROTOCOL:-quick}
+  Q=(--protocol "exps/protocols/$PROTO.json" --data_path "$SHARED/data/cifar100/cifar100.npz"
+     --pretrained_path "$SHARED/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors")
+  tag=$([ "$PROTO" = quick ] && echo "" || echo "${PROTO}_")
+  for seed in $SEEDS; do
+    row() { local name=$1; shift; run "${tag}${name}_$seed" "$@" "${Q[@]}" --prefix "${PROTO}_$name" --seed "$seed" "${EXTRA[@]}"; }
+    EXTRA=("$@")
+    row sdlora --config=exps/sdlora_c100.json
+    row gumbel --config=exps/gumbel_c100.json
+    row drift0.3 --config=exps/sdlora_c100.json --skip_mode reuse --drift_threshold 0.3
+    row sched036 --config=exps/sdlora_c100.json --growth_schedule "[0,3,6]" --skip_mode reuse
+    row sched02468 --config=exps/sdlora_c100.json --growth_schedule "[0,2,4,6,8]" --skip_mode reuse
+    row seq_lora --config=exps/seq_lora_c100.json
+    row linear_probe --config=exps/linear_probe_c100.json
+    row inflora_lr2e-3 --config=exps/inflora_c100.json --shuffle true --lrate 0.002 --scheduler constant
+  done
+  wait_below 1; wait
+  summarize
+  exit 0
+fi
 
 if [ "${1:-}" = "scan" ]; then
   shift
@@ -119,7 +163,7 @@ if [ "${1:-}" = "scan" ]; then
           --growth_cost 0.$c --prefix "scan_holdout_h2_w${w}_c${c}" --seed $seed "$@"
     done; done
   done
-  wait
+  wait_below 1; wait
   summarize
   exit 0
 fi
@@ -148,7 +192,7 @@ if [ "${1:-}" = "curve" ] || [ "${1:-}" = "shifted" ]; then
           --drift_threshold "$th" --prefix "${tag}_drift${th}" --seed $seed "$@"
     done
   done
-  wait
+  wait_below 1; wait
   summarize
   exit 0
 fi
@@ -175,7 +219,7 @@ if [ "${1:-}" = "subspace" ]; then  # SubLoRA (exps/sublora_c100.json) on the fi
     run "sublora_d${d}_learned_slr" "${S[@]}" --intrinsic_dim $d "${R[@]}" --allocation_mode learned --allocation_ratio 0.5 \
         --split_lr "${SPLIT_LR:-10}" --prefix "sublora_d${d}_learned_slr" "$@"
   done
-  wait
+  wait_below 1; wait
   summarize
   exit 0
 fi
@@ -192,7 +236,7 @@ if [ "${1:-}" = "inflora" ]; then  # InfLoRA beside SD-LoRA on the offline proto
         --scheduler constant --prefix inflora_lr2e-3 --seed $seed "$@"
     run "linear_probe_$seed" --config=exps/linear_probe_c100.json "${P[@]}" --prefix linear_probe --seed $seed "$@"
   done
-  wait
+  wait_below 1; wait
   summarize
   exit 0
 fi
@@ -202,7 +246,7 @@ if [ "${1:-}" = "baselines" ]; then  # the explainer's references beside SD-LoRA
   for cfg in sdlora seq_lora lora_task_id; do
     run "${cfg}_5tasks" --config=exps/${cfg}_c100.json "${P[@]}" --max_tasks 5 --prefix "${cfg}_5tasks" "$@"
   done
-  wait
+  wait_below 1; wait
   summarize
   exit 0
 fi
@@ -225,7 +269,7 @@ if [ "${1:-}" = "offline" ]; then
     run gumbel_seed_threshold    --config=exps/gumbel_seed.json "${P[@]}" --prune_rule threshold "$@"
     run gumbel_seed_frequency    --config=exps/gumbel_seed.json "${P[@]}" "$@"
   fi
-  wait
+  wait_below 1; wait
   summarize
   exit 0
 fi

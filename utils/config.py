@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from utils.config_checks import _cross_checks
+from utils.protocols import apply_protocol
 from utils.config_schema import (  # noqa: F401  (re-exported for method files and tests)
     DEFAULTS, LORA_METHODS, Config, ConfigError, _key, _positive)
 
@@ -212,7 +213,8 @@ def parse_overrides(args: list[str]) -> dict:
 
 
 def load_config(path: Optional[str], overrides: Optional[dict] = None) -> Config:
-    """Read a JSON config file (or none), apply overrides (the command line wins), and check it."""
+    """Read a JSON config file (or none), lay the protocol over it (``protocol``: utils/protocols.py), apply
+    overrides (the command line wins), and check it."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
@@ -224,8 +226,7 @@ def load_config(path: Optional[str], overrides: Optional[dict] = None) -> Config
             raise ConfigError(f"config file '{path}' is not valid JSON: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a JSON object of keys")
-    raw.update(overrides or {})
-    return build_config(raw)
+    return build_config(apply_protocol(raw, overrides or {}))
 
 
 def describe_keys() -> str:

@@ -105,6 +105,8 @@ class Config:
                               default_factory=list, check=_loggers)
     save_adapters: bool = _key(True, "save per-task adapter, gate and head tensors (safetensors)")
     max_tasks: Optional[int] = _key(None, "stop after this many tasks (quick runs)", check=_positive)
+    protocol: Optional[str] = _key(None, "a protocol file (exps/protocols/*.json) whose keys are laid over this "
+                                   "config, under the command line (--protocol FILE); recorded in config.json")
 
     # --- data ------------------------------------------------------------------------------
     dataset: Literal["cifar100", "cifar224", "imagenetr", "imageneta", "cub", "domainnet", "synthetic"] = _key(
