@@ -12,10 +12,12 @@ the rank axis, so the sum is one low-rank product whatever the number of tasks:
 - ``merged``: a delta weight D = B diag(s) A per slice is formed each step and applied through
   ``_DeltaLinear``, whose backward returns the gradient of D for the target slices only and keeps
   no per-adapter activations. Cost ~ tokens x d^2 per slice, flat in the number of tasks.
+- ``fused``: the same merged forward (``FusedLowRank``), whose backward gives the scales and the current
+  adapter's A, B their gradients from X and dY directly while the total rank is small (3 R < d), and
+  through dY^T X past that (backbone/lora_autograd.py).
 - ``loop``: one small product per adapter, norms recomputed every step: the published code's way,
   kept as the reference for tests and benchmarks.
-- ``auto``: stacked or merged per call, by the cost model in ``prefer_stacked`` (merged on CUDA; stacked only for
-  small total rank, R < d / 16).
+- ``auto``: ``auto_strategy``: merged on CUDA, fused on the CPU.
 
 In eval mode the whole sum is merged into a cached copy of the qkv weight, so inference costs
 exactly what the plain ViT costs.
@@ -29,44 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backbone.lora_autograd import FusedLowRank, _DeltaLinear  # noqa: F401  (_DeltaLinear: tests import it here)
+
 SLICES = {"q": 0, "k": 1, "v": 2}
-STRATEGIES = ("auto", "stacked", "merged", "loop")
-
-
-class _DeltaLinear(torch.autograd.Function):
-    """y = x (W + D)^T + b, where D adds ``delta[p]`` to rows [o_p, o_p + d) and W, b are frozen.
-
-    The backward returns grad x and grad delta (one d x d block per slice) and nothing for W, so it
-    costs one extra d x d product per slice instead of a full weight gradient.
-    """
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias, delta, offsets):
-        w = _DeltaLinear.merged(weight, delta, offsets)
-        ctx.save_for_backward(x, weight, delta)  # delta (P d^2), not the merged W (3 d^2): rebuilt below
-        ctx.offsets, ctx.delta_dtype = offsets, delta.dtype
-        return F.linear(x, w, bias)
-
-    @staticmethod
-    def merged(weight, delta, offsets):
-        w = weight.clone()
-        d = delta.shape[-1]
-        for p, o in enumerate(offsets):
-            w[o:o + d] += delta[p].to(w.dtype)
-        return w
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, g):
-        x, weight, delta = ctx.saved_tensors
-        w = _DeltaLinear.merged(weight, delta, ctx.offsets)
-        gx = g @ w.to(g.dtype) if ctx.needs_input_grad[0] else None
-        gd = None
-        if ctx.needs_input_grad[3]:
-            d = w.shape[1]
-            gd = torch.stack([g[:, o:o + d].t() @ x.to(g.dtype) for o in ctx.offsets]).to(ctx.delta_dtype)
-        return gx, None, None, gd, None
+STRATEGIES = ("auto", "fused", "stacked", "merged", "loop")
 
 
 def adapter_norm(A: torch.Tensor, B: torch.Tensor, kind: str) -> torch.Tensor:
@@ -91,20 +59,12 @@ def direction_inner(A1: torch.Tensor, B1: torch.Tensor, A2: torch.Tensor, B2: to
     return ((B1.transpose(1, 2) @ B2) * (A1 @ A2.transpose(1, 2))).sum(dim=(1, 2))
 
 
-def prefer_stacked(tokens: int, dim: int, rank: int, cuda: bool = False) -> bool:
-    """Cost model: stacked ~ c N d R (forward and backward), merged ~ N d^2 + 3 d^2 R per slice.
-
-    On CUDA, merged: on an H200 (ViT-B/16, batch 128, bf16) it was ahead at every number of adapters
-    measured (1.085 / 1.074 / 1.142x a plain ViT's step at t = 1 / 10 / 20, stacked 1.168 / 1.202 / 1.300).
-
-    N = tokens in the batch, d = width, R = total rank of the active adapters. Counting flops gives
-    c = 4; stacked's N x R element-wise work is memory-bound, and on 2 CPU cores (vit_tiny, batch 8)
-    merged was already level at R = 10 and ahead from R = 50 (benchmarks/adapters.py), so c = 16:
-    stacked only while R < d / 16. Merged also keeps activation memory flat in R; stacked does not.
-    """
-    if cuda:
-        return False
-    return 16 * tokens * rank < tokens * dim + 3 * dim * rank
+def auto_strategy(cuda: bool) -> str:
+    """What ``auto`` runs. CUDA: merged (on an H200, ViT-B/16, batch 128, bf16, it was ahead of stacked at every
+    number of adapters measured: 1.085 / 1.074 / 1.142x a plain ViT's step at t = 1 / 10 / 20, stacked 1.168 /
+    1.202 / 1.300; fused is not measured there yet). CPU: fused, the merged forward with the factored backward
+    (benchmarks/adapters.py; README "Adapters: constant cost in the number of tasks")."""
+    return "merged" if cuda else "fused"
 
 
 class LoRAQKV(nn.Module):
@@ -271,6 +231,11 @@ class LoRAQKV(nn.Module):
             B_full[o:o + d, p * R:(p + 1) * R] = B[p]
         return torch.addmm(F.linear(x2, self.base.weight, self.base.bias), h, B_full.t())
 
+    def _forward_fused(self, x2: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+        A, B = self._factors()
+        first = sum(self._ranks_old) if self.current is not None else A.shape[1]
+        return FusedLowRank.apply(x2, self.base.weight, self.base.bias, A, B, self._scales(coeff), self.offsets, first)
+
     def _forward_merged(self, x2: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
         return _DeltaLinear.apply(x2, self.base.weight, self.base.bias, self.delta_weight(coeff), self.offsets)
 
@@ -313,8 +278,9 @@ class LoRAQKV(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         strategy = self.strategy
         if strategy == "auto":
-            strategy = "stacked" if prefer_stacked(x2.shape[0], self.dim, self.total_rank, x2.is_cuda) else "merged"
-        fwd = {"stacked": self._forward_stacked, "merged": self._forward_merged, "loop": self._forward_loop}
+            strategy = auto_strategy(x2.is_cuda)
+        fwd = {"fused": self._forward_fused, "stacked": self._forward_stacked, "merged": self._forward_merged,
+               "loop": self._forward_loop}
         return fwd[strategy](x2, self.coeff).reshape(*shape[:-1], -1)
 
     def extra_repr(self) -> str:

@@ -10,7 +10,8 @@ peak training memory, and each one's ratio to a plain frozen ViT measured in the
 
 Variants: ``plain`` (frozen ViT, no adapters: the floor; its backward runs through the backbone to
 the input, as the adapter runs' does), ``loop`` (the published per-adapter loop, the reference),
-``stacked``, ``merged`` and ``auto`` (the framework's default: stacked or merged by a cost model).
+``stacked``, ``merged``, ``fused`` and ``auto`` (the framework's default: the cost model's pick).
+``--profile VARIANT ...`` adds torch.profiler's top ops of two training steps of each at the last task count.
 Eval: the framework merges the adapters into qkv (one cached weight, built once per evaluation and
 not timed per batch); ``loop`` evaluates with the per-adapter loop, as the published code does.
 
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backbone.gate import AdapterGate  # noqa: E402
 from backbone.vit import LoRAViT, create_vit  # noqa: E402
 
-VARIANTS = ("plain", "loop", "stacked", "merged", "auto")
+VARIANTS = ("plain", "loop", "stacked", "merged", "fused", "auto")
 
 
 def build(args, variant: str, n_tasks: int) -> nn.Module:
@@ -170,6 +171,10 @@ def main(argv=None) -> None:
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--profile", nargs="*", default=[], choices=VARIANTS, metavar="VARIANT",
+                    help="after the table: torch.profiler's top ops of two training steps of these variants at "
+                         "the last --tasks")
+    ap.add_argument("--profile-rows", type=int, default=15)
     args = ap.parse_args(argv)
     if args.amp and not args.device.startswith("cuda"):
         ap.error("--amp needs --device cuda")
@@ -209,6 +214,24 @@ def main(argv=None) -> None:
         print(f"peak memory t={last} / t={first}  {a['peak'] / rows[(first, 'auto')]['peak']:.3f}   (target <= 1.05)")
         if (last, "loop") in rows:
             print(f"loop / framework, train   {rows[(last, 'loop')]['train'] / a['train']:.2f}x  (target >= 3)")
+    for variant in args.profile:
+        profile(args, variant, last)
+
+
+def profile(args, variant: str, n_tasks: int) -> None:
+    """torch.profiler's table of the ops that take the most time in two training steps (after a warm-up)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    case = Case(args, variant, n_tasks)
+    for _ in range(args.warmup):
+        case.train_step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    with torch_profile(activities=acts) as prof:
+        for _ in range(2):
+            case.train_step()
+        _sync(args.device)
+    key = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
+    print(f"\n# profile: {variant}, t={n_tasks}, two training steps, top ops by {key}")
+    print(prof.key_averages().table(sort_by=key, row_limit=args.profile_rows))
 
 
 if __name__ == "__main__":

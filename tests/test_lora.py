@@ -7,6 +7,7 @@ from torch import nn
 
 from backbone.gate import AdapterGate, GumbelGate
 from backbone.lora import LoRAQKV, _DeltaLinear, adapter_norm
+from backbone.lora_autograd import FusedLowRank
 from backbone.vit import LoRAViT, create_vit
 
 D = 12
@@ -45,7 +46,7 @@ def brute_force(layer, x, coeff, frozen, current):
 
 
 @pytest.mark.parametrize("norm", ["factors", "frobenius"])
-@pytest.mark.parametrize("strategy", ["stacked", "merged", "loop"])
+@pytest.mark.parametrize("strategy", ["stacked", "merged", "fused", "loop"])
 @pytest.mark.parametrize("targets", [("q", "v"), ("k",), ("q", "k", "v")])
 def test_adapter_sum_matches_brute_force(norm, strategy, targets):
     layer = make_layer(targets, norm, strategy)
@@ -57,7 +58,7 @@ def test_adapter_sum_matches_brute_force(norm, strategy, targets):
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["stacked", "merged", "loop"])
+@pytest.mark.parametrize("strategy", ["stacked", "merged", "fused", "loop"])
 def test_pruned_adapter_is_skipped(strategy):
     layer = make_layer(strategy=strategy)
     layer.configure(frozen=[0, 2], current=None)  # adapter 1 pruned
@@ -120,7 +121,7 @@ def three_task_model(strategy, gate):
     return m
 
 
-@pytest.mark.parametrize("strategy", ["stacked", "merged", "loop"])
+@pytest.mark.parametrize("strategy", ["stacked", "merged", "fused", "loop"])
 def test_merged_eval_equals_unmerged_and_grads_reach_exactly_trainables(strategy):
     m = three_task_model(strategy, AdapterGate(2))
     x = torch.randn(2, 3, 32, 32)
@@ -144,7 +145,7 @@ def test_merged_eval_equals_unmerged_and_grads_reach_exactly_trainables(strategy
 
 def test_strategies_agree_on_outputs_and_gradients():
     results = {}
-    for s in ("loop", "stacked", "merged", "auto"):
+    for s in ("loop", "stacked", "merged", "fused", "auto"):
         gate = GumbelGate(2)
         m = three_task_model(s, gate)
         with torch.no_grad():
@@ -163,6 +164,29 @@ def test_strategies_agree_on_outputs_and_gradients():
             torch.testing.assert_close(g[n], ref_g[n], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("rank", [3, 10])  # total rank 9 (3R < d = 48: from X and dY) and 30 (through dY^T X)
+def test_fused_gradients_equal_the_merged_path_at_1e_6(rank):
+    """The step's new backward against the one it replaced, in float64: every gradient within 1e-6."""
+    grads = {}
+    for s in ("merged", "fused"):
+        m = tiny_vit(s, AdapterGate(2)).double()
+        for t in range(3):
+            m.add_task(t, rank, 0.8)
+            with torch.no_grad():
+                for layer in m.layers:
+                    layer.lora_B[str(t)].normal_(std=0.1, generator=torch.Generator().manual_seed(t))
+            m.configure()
+            if t < 2:
+                m.freeze_current()
+        m.train()
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        m(x).square().sum().backward()
+        grads[s] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    assert grads["fused"].keys() == grads["merged"].keys() and len(grads["fused"]) == 4 + 3
+    for n, g in grads["merged"].items():
+        torch.testing.assert_close(grads["fused"][n], g, rtol=1e-6, atol=1e-9)
+
+
 def test_frozen_backbone_is_shared_not_copied():
     m = three_task_model("auto", AdapterGate(2))
     n_backbone = sum(p.numel() for n, p in m.named_parameters() if "lora_" not in n and "gate" not in n)
@@ -172,7 +196,7 @@ def test_frozen_backbone_is_shared_not_copied():
     assert all(not p.requires_grad for n, p in m.named_parameters() if "lora_" not in n and "gate" not in n)
 
 
-@pytest.mark.parametrize("strategy", ["stacked", "merged", "loop"])
+@pytest.mark.parametrize("strategy", ["stacked", "merged", "fused", "loop"])
 def test_untrained_frozen_adapter_adds_zero_not_nan(strategy):
     layer = make_layer(strategy=strategy)
     with torch.no_grad():
@@ -196,7 +220,30 @@ def test_frozen_adapters_are_stored_once():
     torch.testing.assert_close(layer(x), brute_force(layer, x, layer.coeff, [0, 2], None), rtol=1e-5, atol=1e-5)
 
 
-def test_auto_strategy_cost_model():
-    from backbone.lora import prefer_stacked
-    assert prefer_stacked(1024, 768, 10) and not prefer_stacked(1024, 768, 100)  # CPU: stacked while 16 R < d
-    assert not prefer_stacked(1024, 768, 10, cuda=True)                          # CUDA: merged (H200 measurement)
+def test_auto_strategy():
+    from backbone.lora import auto_strategy
+    assert auto_strategy(cuda=False) == "fused" and auto_strategy(cuda=True) == "merged"  # H200 measurement
+
+
+@pytest.mark.parametrize("rank, first", [(3, 1), (3, 0), (20, 12), (20, 20)])  # 3R < d: from X and dY; else dY^T X
+def test_fused_low_rank_gradcheck_and_frozen_rows_get_no_factor_gradient(rank, first):
+    d = 8
+    g = torch.Generator().manual_seed(rank + first)
+    x = torch.randn(6, d, dtype=torch.float64, generator=g, requires_grad=True)
+    w, b = torch.randn(3 * d, d, dtype=torch.float64, generator=g), torch.randn(3 * d, dtype=torch.float64, generator=g)
+    A, B = torch.randn(2, rank, d, dtype=torch.float64, generator=g), torch.randn(2, d, rank, dtype=torch.float64, generator=g)
+    s = torch.randn(2, rank, dtype=torch.float64, generator=g)
+    A.requires_grad_(), B.requires_grad_(), s.requires_grad_()
+    y = FusedLowRank.apply(x, w, b, A, B, s, (0, 2 * d), first)
+    want = x @ w.t() + b
+    for p, o in enumerate((0, 2 * d)):
+        want = torch.cat([want[:, :o], want[:, o:o + d] + x @ (B[p] * s[p] @ A[p]).t(), want[:, o + d:]], 1)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(y)
+    ga, gb = torch.autograd.grad(y, (A, B), gy)
+    wa, wb = torch.autograd.grad(want, (A, B), gy)
+    torch.testing.assert_close(ga[:, first:], wa[:, first:]) and torch.testing.assert_close(gb[..., first:], wb[..., first:])
+    assert not ga[:, :first].any() and not gb[..., :first].any()  # frozen rows: their factors take no gradient
+    if first == 0:
+        assert torch.autograd.gradcheck(lambda x, A, B, s: FusedLowRank.apply(x, w, b, A, B, s, (0, 2 * d), 0),
+                                        (x, A, B, s))

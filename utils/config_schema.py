@@ -189,8 +189,9 @@ class Config:
     subspace_norm: Literal["direction_norm", "none"] = _key(
         "direction_norm", "SubLoRA: a frozen subspace adapter's direction divided by its norm as direction_norm says "
         "(SD-LoRA's normalise-at-freeze), or not at all (\"none\": it keeps its trained scale, n_i = 1)", SUBSPACE)
-    adapter_strategy: Literal["auto", "stacked", "merged", "loop"] = _key(
-        "auto", "how the adapter sum is computed in training (auto: cost model per shape)", ANY_LORA)
+    adapter_strategy: Literal["auto", "fused", "stacked", "merged", "loop"] = _key(
+        "auto", "how the adapter sum is computed in training (auto: fused on the CPU, merged on CUDA; "
+        "backbone/lora.py)", ANY_LORA)
 
     # --- optimisation ----------------------------------------------------------------------
     optimizer: Literal["sgd", "adam", "adamw"] = _key("sgd", "optimiser")
