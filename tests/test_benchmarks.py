@@ -40,3 +40,18 @@ def test_inflora_inputs_prints_a_row_per_block(capsys):
     for r in rows:
         top, top2, dims, inf, lora, ratio = map(float, r[1:])
         assert 0 < top <= top2 <= 1 and dims >= 1 and abs(inf / lora - ratio) < 0.05 + 0.005 * (1 + inf / lora) / lora  # printed to 2 and 1 decimals
+
+
+def test_protocol_benchmark_prints_a_row_per_protocol_with_its_ratio(capsys, tmp_path):
+    import json
+    from benchmarks import protocols
+    files = []
+    for name, size in (("big", 32), ("small", 16)):
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps({"description": name, "keys": {"img_size": size, "train_per_class": 8}}))
+        files.append(str(p))
+    protocols.main(["--config", "exps/demo.json", "--protocols", *files, "--task", "1", "--rounds", "1",
+                    "--log_dir", str(tmp_path)])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(str(tmp_path))]
+    assert [r[1] for r in rows] == ["32", "16"] and rows[0][-1] == "1.000"
+    assert int(rows[0][2]) > int(rows[1][2])  # tokens per image fall with the image size
