@@ -23,12 +23,12 @@ from utils import dist
 from utils.dist import resolve_device
 from utils.config import (Config, ConfigError, build_config, check_device, describe_keys, load_config,
                           parse_overrides)
-from utils.data_manager import DataManager
-from utils.datasets import DataError, load_dataset
+from utils.data.data_manager import DataManager
+from utils.data.datasets import DataError, load_dataset
 from utils.tracking import TrackingError, check_loggers
 from utils.fork import check_fork, copy_prefix
 from utils.io import CheckpointError, RunFolderBusy, RunLock, WriteError, new_run_dir, save_json
-from utils.protocols import apply_protocol
+from utils.config.protocols import apply_protocol
 
 #: Exit codes: 0 done, 2 bad input (config, data, weights, checkpoint), 3 NaN/inf loss, 74 a write failed,
 #: 75 the run folder is busy, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, sent before preemption).
@@ -44,6 +44,12 @@ class Terminated(Exception):
 def _on_sigterm(signum, frame):
     raise Terminated()
 
+
+#: Said at the end of a run on a random-init backbone (the demo), whose numbers mean nothing about the methods.
+RANDOM_INIT_NOTE = ("Note: this backbone is random-init (\"pretrained\": false), so these numbers only show that the "
+                    "pipeline runs end to end, not what the method can do. Real numbers: a pretrained ViT on real "
+                    "data, e.g. python main.py --config=exps/sdlora_c100.json (downloads), or offline "
+                    "--protocol exps/protocols/quick.json (README, 'Real experiments').")
 
 #: The run folder in progress, for the message that says how to resume it.
 CURRENT_RUN: list[Path] = []
@@ -115,6 +121,8 @@ def _train_new(cfg: Config, seed: int, data, device: torch.device, run_dir: Path
     learner = get_learner(cfg.model_name)(cfg, device, run_dir, seed)
     learner.run(dm)
     log.info(f"Done: {learner.headline()}; results in {run_dir}")
+    if not cfg.pretrained:
+        log.info(RANDOM_INIT_NOTE)
     return run_dir
 
 

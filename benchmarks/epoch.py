@@ -31,8 +31,8 @@ from torch import nn
 from backbone.vit import create_vit
 from models import get_learner
 from utils.config import load_config, parse_overrides
-from utils.data_manager import DataManager
-from utils.datasets import load_dataset
+from utils.data.data_manager import DataManager
+from utils.data.datasets import load_dataset
 from utils.dist import resolve_device
 
 

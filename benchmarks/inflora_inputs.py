@@ -24,8 +24,8 @@ import torch
 from models import get_learner
 from models.inflora import projected_basis, update_memory
 from utils.config import load_config, parse_overrides
-from utils.data_manager import DataManager
-from utils.datasets import load_dataset
+from utils.data.data_manager import DataManager
+from utils.data.datasets import load_dataset
 from utils.dist import resolve_device
 
 

@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.epoch import make_learner, timed  # noqa: E402
 from utils.config import load_config, parse_overrides  # noqa: E402
-from utils.data_manager import DataManager  # noqa: E402
-from utils.datasets import load_dataset  # noqa: E402
+from utils.data.data_manager import DataManager  # noqa: E402
+from utils.data.datasets import load_dataset  # noqa: E402
 from utils.dist import resolve_device  # noqa: E402
 
 

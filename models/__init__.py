@@ -1,14 +1,14 @@
 """Method registry: ``@register("name")`` on a Learner subclass makes it a valid ``model_name``.
 
 A method may declare its own config keys (a dataclass of ``utils.config._key`` fields), the shared
-method-scoped keys it also uses, and a check of the whole config: they join the schema of utils/config.py
+method-scoped keys it also uses, and a check of the whole config: they join the schema (utils/config/methods.py)
 without a line there. Importing this package imports every method file, so the registry is complete.
 """
 from __future__ import annotations
 
 from typing import Callable, Optional, Type
 
-from utils.config import declare_method
+from utils.config.methods import declare_method
 
 REGISTRY: dict[str, Type] = {}
 

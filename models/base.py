@@ -27,15 +27,15 @@ from backbone.head import GrowingHead
 from backbone.vit import LoRAViT, create_vit
 from utils.config import Config, check_device
 from utils import dist
-from utils.data_manager import DataManager, EpochSampler
+from utils.data.data_manager import DataManager, EpochSampler
 from utils.io import CheckpointError, load_tensors, save_tensors
 from utils.metrics import topk_correct
 from utils.optim import build_optimizer, build_scheduler
-from utils.augment import DeviceAugment
-from utils.loaders import make_loader
+from utils.data.augment import DeviceAugment
+from utils.data.loaders import make_loader
 from utils.run_metrics import RunMetrics
 from utils.tracking import Tracker
-from utils.transforms import build_transforms
+from utils.data.transforms import build_transforms
 
 log = logging.getLogger("cl")
 

@@ -22,7 +22,7 @@ from models.base import log
 from models.reuse import latest_adapter_before, skip_adapter
 from models.task_state import restore, snapshot
 from utils import dist
-from utils.data_manager import TaskDataset
+from utils.data.data_manager import TaskDataset
 from utils.io import save_torch
 
 

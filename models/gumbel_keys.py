@@ -9,7 +9,7 @@ import dataclasses
 import math
 from typing import Literal, Optional
 
-from utils.config_schema import DEFAULTS, _fraction, _key, _non_negative, _positive
+from utils.config.schema import DEFAULTS, _fraction, _key, _non_negative, _positive
 
 
 def _warmup(v) -> Optional[str]:

@@ -30,7 +30,7 @@ from models import register
 from models.base import Learner, log
 from utils.config import _key
 from utils import dist
-from utils.data_manager import DataManager
+from utils.data.data_manager import DataManager
 
 
 def _unit(v: float) -> Optional[str]:

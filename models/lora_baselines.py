@@ -15,7 +15,7 @@ from tqdm import tqdm
 from backbone.gate import IsolatedGate
 from models import register
 from models.base import Learner, log
-from utils.data_manager import DataManager
+from utils.data.data_manager import DataManager
 from utils.run_metrics import RunMetrics
 
 

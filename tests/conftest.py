@@ -8,6 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import models  # noqa: E402,F401  (every method registers: the config schema reads their keys)
 SHARED = ROOT.parent / "shared"
 CIFAR_NPZ = SHARED / "data" / "cifar100" / "cifar100.npz"
 VIT_S = SHARED / "weights" / "vit_small_patch14_dinov2.imgfocus.fp16.safetensors"

@@ -9,10 +9,10 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from utils.augment import DRAWS, DeviceAugment, crop_boxes, hashed_uniforms, resample, resize_weights
-from utils.data_manager import TaskDataset, shift_appearance
-from utils.device_loader import DeviceLoader
-from utils.transforms import build_transforms
+from utils.data.augment import DRAWS, DeviceAugment, crop_boxes, hashed_uniforms, resample, resize_weights
+from utils.data.data_manager import TaskDataset, shift_appearance
+from utils.data.device_loader import DeviceLoader
+from utils.data.transforms import build_transforms
 
 SCALE = (0.05, 1.0)
 
@@ -144,7 +144,7 @@ def test_device_loader_keeps_the_dataloaders_order_and_applies_the_shift():
 
 
 def test_seeded_images_do_not_depend_on_the_batch_they_fall_in():
-    from utils.data_manager import EpochSampler
+    from utils.data.data_manager import EpochSampler
     ds = dataset(seed=11)
     aug = DeviceAugment(24, SCALE)
     per_image = {}

@@ -157,7 +157,7 @@ def test_gumbel_keys_live_in_its_file_and_an_earlier_config_json_still_loads():
     """Gumbel CL-LoRA's keys are its own (models/gumbel_keys.py); a run folder's config.json from before they
     moved lists every one at its default under any method, and must load (and resume) as it did."""
     import dataclasses
-    import utils.config_schema as schema
+    import utils.config.schema as schema
     from models.gumbel_keys import GumbelKeys
     names = {f.name for f in dataclasses.fields(GumbelKeys)}
     assert not names & {f.name for f in dataclasses.fields(schema.Config)}

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from tests.conftest import ROOT, TINY
-from utils.data_manager import EpochSampler, TaskDataset
+from utils.data.data_manager import EpochSampler, TaskDataset
 
 GROW = dict(model_name="gumbel_sdlora", gate_scope="new", warmup_fraction=0.2, phase1_fraction=0.4,
             gumbel_tau_schedule="phase", gate_lr=5.0, growth_cost=0.05)
@@ -96,7 +96,7 @@ def test_torchrun_refuses_a_config_that_would_differ(tmp_path):
 
 def test_seeded_images_do_not_depend_on_workers_or_the_process():
     """seed_per_sample: an image's augmentation is a function of (seed, epoch, index) alone."""
-    from utils.transforms import build_transforms
+    from utils.data.transforms import build_transforms
     tf, _ = build_transforms(32, [0.2, 1.0], None, None)
     rng = np.random.RandomState(0)
     ds = TaskDataset(rng.randint(0, 255, (12, 40, 40, 3), dtype=np.uint8), np.arange(12) % 3, tf, augment_seed=5)

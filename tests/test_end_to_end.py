@@ -38,6 +38,7 @@ def test_sdlora_run_writes_everything(tiny, tmp_path):
     assert ck["adapter.0.A"].shape == (2, 4, 48) and ck["head.weight"].shape == (6, 48)
     log = (rd / "train.log").read_text()
     assert "CNN top1 curve" in log and "Average Accuracy (CNN)" in log and "Forgetting (CNN)" in log
+    assert "this backbone is random-init" in log and "--protocol exps/protocols/quick.json" in log  # the demo says so
 
 
 def test_same_seed_same_numbers(tiny, tmp_path):

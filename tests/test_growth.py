@@ -9,7 +9,7 @@ from main import make_data_manager
 from models.gumbel_sdlora import GumbelSDLoRA
 from models.sdlora import SDLoRAKD
 from utils.config import ConfigError, build_config
-from utils.datasets import load_dataset
+from utils.data.datasets import load_dataset
 from utils.gumbel_utils import phase_temperature
 from utils.io import load_tensors
 

@@ -10,8 +10,8 @@ from main import main
 from models import get_learner
 from models.inflora import projected_basis, update_memory
 from utils.config import ConfigError, build_config
-from utils.data_manager import DataManager
-from utils.datasets import load_dataset
+from utils.data.data_manager import DataManager
+from utils.data.datasets import load_dataset
 
 INFLORA = dict(model_name="inflora", lora_targets=["k", "v"], optimizer="adam", lrate=0.003,
                scheduler="coda_cosine", epochs=2)

@@ -11,9 +11,9 @@ from PIL import Image
 from main import main
 from tests.conftest import ROOT, TINY
 from utils.config import load_config
-from utils.datasets import DataError, load_dataset
-from utils.layouts import DOMAINS, load_cub, load_domainnet, load_split_folder
-from utils.prepare_split import plan, prepare
+from utils.data.datasets import DataError, load_dataset
+from utils.data.layouts import DOMAINS, load_cub, load_domainnet, load_split_folder
+from utils.data.prepare_split import plan, prepare
 
 
 def _png(path: Path, value: int) -> None:
@@ -151,7 +151,7 @@ def test_broken_image_and_class_count_stop_before_any_run_folder(tmp_path, capsy
     assert main([f"--config={p}", "--expected_classes", "200"]) == 2
     assert "has 2 classes, but config key 'expected_classes' says 200" in capsys.readouterr().err
     with pytest.raises(DataError, match="cannot read image"):  # a file broken after the check: named too
-        from utils.data_manager import load_image
+        from utils.data.data_manager import load_image
         load_image(str(root / "train" / "b" / "missing.png"))
 
 

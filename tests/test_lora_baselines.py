@@ -7,7 +7,7 @@ import torch
 from main import main, make_data_manager
 from models.lora_baselines import LoRATaskID, SeqLoRA
 from utils.config import build_config
-from utils.datasets import load_dataset
+from utils.data.datasets import load_dataset
 from utils.io import load_tensors
 
 

@@ -100,3 +100,13 @@ def test_summary_measures_compute_against_sdlora_on_the_same_stream(runs, tmp_pa
     m = json.loads((runs["drift"] / "metrics.json").read_text())
     assert m["train_steps"] == [6, 8, 8] and m["active_adapters"] == [1, 2, 3]
     assert float(drift[header.index("active_adapters_mean")]) == 3.0
+
+
+def test_labels_list_the_differing_keys_in_config_order_not_alphabetically():
+    from utils.report import Run, label_runs
+    base = {"model_name": "sdlora", "seed": 1, "protocol": "quick.json", "img_size": 70, "skip_mode": "none",
+            "growth_schedule": None}
+    a = Run(Path("a"), dict(base), {})
+    b = Run(Path("b"), dict(base, protocol="offline.json", img_size=112, skip_mode="reuse", growth_schedule=[0]), {})
+    label_runs([a, b])
+    assert b.label == 'sdlora (protocol="offline.json", img_size=112, skip_mode="reuse", ...)'

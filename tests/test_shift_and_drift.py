@@ -12,8 +12,8 @@ from models.reuse import skip_adapter
 from models.sdlora import SDLoRA
 from models.task_state import snapshot
 from utils.config import ConfigError, build_config
-from utils.data_manager import DataManager, shift_appearance
-from utils.datasets import DataError, SplitData, load_dataset
+from utils.data.data_manager import DataManager, shift_appearance
+from utils.data.datasets import DataError, SplitData, load_dataset
 
 DRIFT = dict(model_name="sdlora", skip_mode="reuse", epochs=3, trial_epochs=1)
 

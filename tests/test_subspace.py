@@ -9,7 +9,7 @@ from backbone.subspace import NNZ, SparseProjection, SubspaceAdapter, SubspaceSp
 from main import make_data_manager
 from models.sdlora import SDLoRA
 from utils.config import ConfigError, build_config
-from utils.datasets import load_dataset
+from utils.data.datasets import load_dataset
 from utils.io import load_tensors
 
 

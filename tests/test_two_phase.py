@@ -6,7 +6,7 @@ import torch
 from main import make_data_manager
 from models.gumbel_sdlora import GumbelSDLoRA
 from utils.config import build_config
-from utils.datasets import load_dataset
+from utils.data.datasets import load_dataset
 
 
 def record_phases(tiny, tmp_path, **over):

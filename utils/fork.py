@@ -13,7 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
-from utils.config_schema import Config, ConfigError
+from utils.config.schema import Config, ConfigError
 from utils.io import load_tensors, save_json
 from utils.metrics import summarize
 

@@ -88,11 +88,13 @@ def load_run(path) -> Run:
 
 
 def label_runs(runs: list[Run]) -> None:
-    """Label = method, plus the config keys in which it differs from other runs of the same method."""
+    """Label = method, plus the config keys in which it differs from other runs of the same method, in the
+    order config.json lists them (the schema's: run, data, backbone, optimisation, the method's own keys)."""
     for r in runs:
         same = [o for o in runs if o.method == r.method and o is not r]
-        keys = sorted({k for o in same for k in set(r.config) | set(o.config)
-                       if k not in NOT_EXPERIMENT and r.config.get(k) != o.config.get(k)})
+        order = list(dict.fromkeys([*r.config, *(k for o in same for k in o.config)]))
+        keys = [k for k in order if k not in NOT_EXPERIMENT
+                and any(r.config.get(k) != o.config.get(k) for o in same)]
         extra = ", ".join(f"{k}={json.dumps(r.config.get(k))}" for k in keys[:3])
         r.label = r.method + (f" ({extra}{', ...' if len(keys) > 3 else ''})" if extra else "")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from utils.config_schema import ConfigError
+from utils.config.schema import ConfigError
 
 #: What a protocol file may hold besides its keys.
 FILE_FIELDS = {"description", "keys"}

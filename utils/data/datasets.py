@@ -1,46 +1,25 @@
-"""Dataset sources: CIFAR-100 (torchvision folder, .npz or download), ImageFolder sets, a generated set;
-the benchmarks' own layouts (ImageNet-R/-A split folders, DomainNet lists, CUB files) are in layouts.py.
+"""Dataset sources: CIFAR-100 (torchvision folder, .npz or download), a generated set, and the registry that
+picks a loader by ``dataset``; ImageFolder sets are read in folders.py, the benchmarks' own layouts
+(ImageNet-R/-A split folders, DomainNet lists, CUB files) in layouts.py.
 
-Each loader returns a ``SplitData``: train/test images (uint8 HWC arrays, or image file paths)
+Each loader returns a ``SplitData`` (split.py): train/test images (uint8 HWC arrays, or image file paths)
 with integer labels in the dataset's own class order. Task splitting happens in data_manager.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable
 
 import numpy as np
 
-Images = Union[np.ndarray, list]  # uint8 (N, H, W, 3) in memory, or a list of file paths
-
-
-@dataclass
-class SplitData:
-    x_train: Images
-    y_train: np.ndarray
-    x_test: Images
-    y_test: np.ndarray
-    class_names: list[str]
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.class_names)
-
-
-class DataError(FileNotFoundError):
-    """A dataset that cannot be found or read; the message shows the layout that was expected."""
-
+from utils.data.folders import load_image_folder
+from utils.data.layouts import check_classes, check_images, load_cub, load_domainnet, load_split_folder
+from utils.data.split import DataError, SplitData  # noqa: F401  (DataError: callers import it from here)
 
 CIFAR_LAYOUT = """expected one of:
   {p}/cifar-100-python/{{train,test,meta}}   (torchvision's folder)
   {p}  as an .npz file, or {p}/*.npz, with x_train, y_train, x_test, y_test (uint8 NHWC, int labels)
 or set "download": true to let torchvision fetch it into {p}"""
-
-FOLDER_LAYOUT = """expected an ImageFolder layout:
-  {p}/train/<class_name>/*.jpg
-  {p}/test/<class_name>/*.jpg"""
-
 
 def _load_npz(path: Path) -> SplitData:
     try:
@@ -96,31 +75,6 @@ def load_cifar100(data_path: str, download: bool) -> SplitData:
     raise DataError(f"no CIFAR-100 found at '{data_path}'; " + CIFAR_LAYOUT.format(p=data_path))
 
 
-IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
-
-
-def _scan(folder: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
-    paths, labels = [], []
-    for i, c in enumerate(classes):
-        files = sorted(f for f in (folder / c).iterdir() if f.suffix in IMG_EXT) if (folder / c).is_dir() else []
-        paths += [str(f) for f in files]
-        labels += [i] * len(files)
-    return paths, np.asarray(labels, np.int64)
-
-
-def load_image_folder(data_path: str) -> SplitData:
-    """An ImageFolder dataset with data_path/train and data_path/test sharing class folder names."""
-    p = Path(data_path)
-    if not (p / "train").is_dir() or not (p / "test").is_dir():
-        raise DataError(f"no dataset found at '{data_path}'; " + FOLDER_LAYOUT.format(p=data_path))
-    classes = sorted(d.name for d in (p / "train").iterdir() if d.is_dir())
-    if not classes:
-        raise DataError(f"'{p / 'train'}' has no class folders; " + FOLDER_LAYOUT.format(p=data_path))
-    x_tr, y_tr = _scan(p / "train", classes)
-    x_te, y_te = _scan(p / "test", classes)
-    return SplitData(x_tr, y_tr, x_te, y_te, classes)
-
-
 def _shape_mask(kind: int, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
     """One of ten binary patterns on a grid: shapes and textures that a small ViT can tell apart."""
     dy, dx = yy - cy, xx - cx
@@ -174,18 +128,15 @@ def _cifar(cfg) -> SplitData:
 
 
 def _split_folder(cfg) -> SplitData:
-    from utils.layouts import load_split_folder
     return load_split_folder(cfg.data_path or f"data/{cfg.dataset}", cfg.dataset)
 
 
 def _domainnet(cfg) -> SplitData:
-    from utils.layouts import load_domainnet
     return load_domainnet(cfg.data_path or "data/domainnet")
 
 
 def _cub(cfg) -> SplitData:
     """CUB-200-2011's own files, or (PILOT's copy) train/test class folders."""
-    from utils.layouts import load_cub
     path = cfg.data_path or "data/cub"
     if (Path(path) / "train").is_dir() and (Path(path) / "test").is_dir():
         return load_image_folder(path)
@@ -206,7 +157,6 @@ DATASETS: dict[str, Callable] = {
 
 def load_dataset(cfg) -> SplitData:
     """Load the configured dataset through the registry above, then check its class count and files."""
-    from utils.layouts import check_classes, check_images
     data = DATASETS[cfg.dataset](cfg)
     check_classes(data, cfg.expected_classes, cfg.data_path or f"data/{cfg.dataset}")
     check_images(data, cfg.check_images)

@@ -1,6 +1,6 @@
 """The shared config keys: each with its default, one line of help, the methods that use it and a value check.
 
-The machinery that reads a config against this schema (types, cross-checks, method keys) is utils/config.py.
+The machinery that reads a config against this schema (types, cross-checks, method keys) is utils/config/reading.py.
 """
 from __future__ import annotations
 

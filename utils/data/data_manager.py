@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from utils.datasets import DataError, SplitData
+from utils.data.datasets import DataError, SplitData
 
 
 def class_order(n_classes: int, shuffle: bool, seed: int) -> np.ndarray:
@@ -152,7 +152,7 @@ class DataManager:
 
     @classmethod
     def for_config(cls, cfg, data: SplitData, seed: int) -> "DataManager":
-        """The task splits a run's config asks for (utils/config.py keys)."""
+        """The task splits a run's config asks for (utils/config keys)."""
         return cls(data, cfg.init_cls, cfg.increment, cfg.shuffle, seed, cfg.train_per_class, cfg.test_per_class,
                    cfg.max_tasks, cfg.shift_tasks)
 

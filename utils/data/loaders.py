@@ -9,10 +9,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from utils import dist
-from utils.augment import DeviceAugment
+from utils.data.augment import DeviceAugment
 from utils.config import Config
-from utils.data_manager import EpochSampler, TaskDataset
-from utils.device_loader import DeviceLoader
+from utils.data.data_manager import EpochSampler, TaskDataset
+from utils.data.device_loader import DeviceLoader
 
 
 def _seed_worker(_: int) -> None:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from utils.augment import DeviceAugment
-from utils.data_manager import EpochSampler, TaskDataset, sample_seed, shift_appearance
+from utils.data.augment import DeviceAugment
+from utils.data.data_manager import EpochSampler, TaskDataset, sample_seed, shift_appearance
 
 JPEG = (".jpg", ".jpeg")
 

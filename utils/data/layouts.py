@@ -1,7 +1,7 @@
 """The benchmark datasets as the field lays them out, read into a ``SplitData`` of image paths.
 
 - ImageNet-R / ImageNet-A: ``data_path/train/<class>/`` and ``data_path/test/<class>/`` (the split folders the
-  published code and PILOT read); a raw download is split once by ``python -m utils.prepare_split``.
+  published code and PILOT read); a raw download is split once by ``python -m utils.data.prepare_split``.
 - DomainNet: the dataset's own list files ``data_path/<domain>_{train,test}.txt`` of ``path label`` lines,
   paths relative to ``data_path``, for the six domains.
 - CUB-200-2011: its own ``images.txt``, ``image_class_labels.txt``, ``train_test_split.txt``, ``classes.txt``.
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.datasets import DataError, SplitData, load_image_folder
+from utils.data.folders import load_image_folder
+from utils.data.split import DataError, SplitData
 
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 CUB_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
@@ -28,7 +29,7 @@ def load_split_folder(data_path: str, name: str) -> SplitData:
     if p.is_dir() and not (p / "train").is_dir() and any(d.is_dir() and re.fullmatch(r"n\d{8}", d.name)
                                                          for d in p.iterdir()):
         raise DataError(f"'{data_path}' holds the raw {name} class folders, not a train/test split; split it once "
-                        f"with: python -m utils.prepare_split --src {data_path} --dst data/{name}  "
+                        f"with: python -m utils.data.prepare_split --src {data_path} --dst data/{name}  "
                         f"(then set data_path to data/{name})")
     data = load_image_folder(data_path)
     test_classes = sorted(d.name for d in (p / "test").iterdir() if d.is_dir())

@@ -1,7 +1,7 @@
-"""Checks that read several keys at once (utils/config.py runs them after every key passed its own check)."""
+"""Checks that read several keys at once (reading.py runs them after every key passed its own check)."""
 from __future__ import annotations
 
-from utils.config_schema import DEFAULTS, Config
+from utils.config.schema import DEFAULTS, Config
 
 
 def _cross_checks(cfg: Config, raw: dict) -> list[str]:

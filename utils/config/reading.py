@@ -1,5 +1,5 @@
-"""Reading a config: the typed schema (utils/config_schema.py, plus each method's own keys), cross-checks
-(utils/config_checks.py), command-line overrides, and the key listing.
+"""Reading a config: the typed schema (schema.py, plus each method's own keys, methods.py), cross-checks
+(checks.py), the protocol (protocols.py), command-line overrides, and the key listing.
 
 A run's config is a JSON file plus ``--key value`` overrides. Unknown keys, ill-typed values,
 values outside their choices and keys the chosen method does not use stop the run before any
@@ -13,14 +13,13 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from utils.config_checks import _cross_checks
-from utils.protocols import apply_protocol
-from utils.config_schema import (  # noqa: F401  (re-exported for method files and tests)
-    DEFAULTS, LORA_METHODS, Config, ConfigError, _key, _positive)
+from utils.config.checks import _cross_checks
+from utils.config.methods import FIELDS, method_specs
+from utils.config.protocols import apply_protocol
+from utils.config.schema import DEFAULTS, LORA_METHODS, Config, ConfigError
 
 
 #: Keys of the published configs that mean nothing here, with what to do instead.
@@ -30,36 +29,6 @@ RENAMED = {
     "tuned_epoch": 'use "epochs" (and "init_epoch" for task 0)',
     "lr": 'use "lrate"',
 }
-
-FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "method_keys"}
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """What a method declares when it registers (models/__init__.py ``register``): a dataclass of its own
-    keys (made with ``_key`` fields: default, help, check), the shared method-scoped keys it also uses, and a
-    check of the whole config returning error messages."""
-    keys: Optional[type] = None
-    uses: frozenset = frozenset()
-    check: Optional[Any] = None
-
-
-METHOD_SPECS: dict[str, MethodSpec] = {}
-
-
-def declare_method(name: str, keys: Optional[type] = None, uses: tuple = (), check=None) -> None:
-    """Called by ``models.register``: the method's keys and checks join the schema."""
-    bad = [k for k in uses if k not in FIELDS]
-    if bad:
-        raise ValueError(f"method '{name}' declares unknown shared keys {bad}")
-    METHOD_SPECS[name] = MethodSpec(keys, frozenset(uses), check)
-
-
-def method_specs() -> dict[str, MethodSpec]:
-    """Every registered method's spec. The one place the schema asks the registry: importing ``models``
-    makes every method register itself."""
-    import models  # noqa: F401  (models/__init__ imports the method files)
-    return METHOD_SPECS
 
 
 def _own_fields(name: str) -> dict:
@@ -213,7 +182,7 @@ def parse_overrides(args: list[str]) -> dict:
 
 
 def load_config(path: Optional[str], overrides: Optional[dict] = None) -> Config:
-    """Read a JSON config file (or none), lay the protocol over it (``protocol``: utils/protocols.py), apply
+    """Read a JSON config file (or none), lay the protocol over it (``protocol``: protocols.py), apply
     overrides (the command line wins), and check it."""
     raw: dict = {}
     if path is not None:

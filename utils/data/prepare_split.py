@@ -1,0 +1,98 @@
+"""Split a raw ImageNet-R / ImageNet-A download (one folder per class) into train/ and test/, once.
+
+    python -m utils.data.prepare_split --src /data/imagenet-r --dst data/imagenetr [--seed 1993] [--test_fraction 0.2]
+
+The split is the published code's: torchvision's ImageFolder order (classes and files sorted), a permutation
+``torch.randperm(N)`` from a generator seeded with ``seed`` (what ``random_split`` draws after
+``torch.manual_seed(seed)``), the first ``int((1 - test_fraction) * N)`` images train, the rest test; over the
+whole set, not per class. Files are linked (``--mode symlink``, default), hard-linked or copied into a
+temporary folder that is renamed to ``dst`` when complete; ``dst/split.json`` records the source, the seed and
+every file. Running it again with the same arguments finds the split and changes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+
+def split_indices(n: int, seed: int, test_fraction: float) -> tuple[list[int], list[int]]:
+    """Train and test positions of n images: random_split's permutation after torch.manual_seed(seed)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_train = int((1 - test_fraction) * n)
+    return perm[:n_train], perm[n_train:]
+
+
+def plan(src: Path, seed: int, test_fraction: float) -> dict:
+    """The split as a record: relative paths of the train and test files."""
+    from torchvision.datasets import ImageFolder
+    try:
+        samples = ImageFolder(str(src)).samples
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"prepare_split: '{src}' is not a folder of class folders with images ({e})") from None
+    rel = [str(Path(p).relative_to(src)) for p, _ in samples]
+    tr, te = split_indices(len(rel), seed, test_fraction)
+    return {"source": str(src.resolve()), "seed": seed, "test_fraction": test_fraction,
+            "n_train": len(tr), "n_test": len(te), "train": [rel[i] for i in tr], "test": [rel[i] for i in te]}
+
+
+def _place(src: Path, dst: Path, mode: str) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "symlink":
+        os.symlink(src.resolve(), dst)
+    elif mode == "hardlink":
+        os.link(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def prepare(src: Path, dst: Path, seed: int = 1993, test_fraction: float = 0.2, mode: str = "symlink") -> dict:
+    """Write dst/train, dst/test and dst/split.json; a finished dst with the same split is left as it is."""
+    record = plan(src, seed, test_fraction)
+    done = dst / "split.json"
+    if done.is_file():
+        old = json.loads(done.read_text())
+        if {k: old.get(k) for k in ("seed", "test_fraction", "train", "test")} == \
+                {k: record[k] for k in ("seed", "test_fraction", "train", "test")}:
+            print(f"prepare_split: '{dst}' already holds this split ({record['n_train']} train, "
+                  f"{record['n_test']} test); nothing to do")
+            return record
+        raise SystemExit(f"prepare_split: '{dst}' holds another split (seed {old.get('seed')}, test_fraction "
+                         f"{old.get('test_fraction')}); choose another --dst or remove it")
+    if dst.exists() and any(dst.iterdir()):
+        raise SystemExit(f"prepare_split: '{dst}' exists and is not a finished split; choose another --dst or "
+                         "remove it")
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for part in ("train", "test"):
+        for r in record[part]:
+            _place(src / r, tmp / part / r, mode)
+    (tmp / "split.json").write_text(json.dumps(record, indent=1))
+    if dst.exists():
+        dst.rmdir()
+    tmp.rename(dst)
+    print(f"prepare_split: wrote {record['n_train']} train and {record['n_test']} test images ({mode}) to '{dst}'")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--src", type=Path, required=True, help="the raw download: one folder per class")
+    ap.add_argument("--dst", type=Path, required=True, help="the split's folder (data_path of the runs)")
+    ap.add_argument("--seed", type=int, default=1993, help="seed of the permutation (default 1993)")
+    ap.add_argument("--test_fraction", type=float, default=0.2, help="share of images in test (default 0.2)")
+    ap.add_argument("--mode", choices=("symlink", "hardlink", "copy"), default="symlink")
+    a = ap.parse_args(argv)
+    if not 0 < a.test_fraction < 1:
+        raise SystemExit("prepare_split: --test_fraction must be in (0, 1)")
+    prepare(a.src, a.dst, a.seed, a.test_fraction, a.mode)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
