@@ -1,1 +1,1 @@
-"""Project-independent helpers: config schema, data, pure math, I/O. Imports nothing of the project."""
+"""Helpers below the network: configs (config/), the data path (data/), run folders and atomic I/O, forks, metrics, tracking, reports, torchrun."""
