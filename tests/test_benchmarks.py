@@ -55,3 +55,27 @@ def test_protocol_benchmark_prints_a_row_per_protocol_with_its_ratio(capsys, tmp
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(str(tmp_path))]
     assert [r[1] for r in rows] == ["32", "16"] and rows[0][-1] == "1.000"
     assert int(rows[0][2]) > int(rows[1][2])  # tokens per image fall with the image size
+
+
+def test_kendall_tau_against_brute_force_and_swaps():
+    import itertools
+    from benchmarks.protocol_check import kendall_tau, swapped_pairs
+    a, b = [5.0, 3.0, 4.0, 1.0, 2.0], [4.0, 3.5, 5.0, 1.0, 0.5]
+    sign = lambda x: (x > 0) - (x < 0)  # noqa: E731
+    s = sum(sign(a[i] - a[j]) * sign(b[i] - b[j]) for i, j in itertools.combinations(range(5), 2))
+    assert abs(kendall_tau(a, b) - s / 10) < 1e-12  # no ties: tau-b = tau-a
+    assert kendall_tau(a, a) == 1.0 and kendall_tau(a, [-v for v in a]) == -1.0
+    assert swapped_pairs(list("abcde"), a, b) == [("a", "c", 1.0), ("d", "e", 1.0)]
+
+
+def test_protocol_check_reads_runs_and_given_numbers(tmp_path, capsys):
+    import json
+    from benchmarks import protocol_check
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"prefix": "quick_b", "seed": 1}))
+    (run / "metrics.json").write_text(json.dumps({"A_last": 20.0, "A_avg": 30.0, "A": [1, 2]}))
+    code = protocol_check.main(["--runs", str(run), "--given", "a,offline,1,50,60", "a,quick,1,30,40",
+                                "b,offline,1,45,55"])
+    out = capsys.readouterr().out
+    assert code == 0 and "| b | 45.00 / 55.00 | 20.00 / 30.00 | 2 | 2 |" in out and "tau (A_last) 1.000" in out
