@@ -17,7 +17,8 @@
 #                                           reuse at 2-5 adapters, the Gumbel rule, growth on drift (DRIFTS), over
 #                                           SEEDS_CURVE (default "1993 1994 1995"); --report draws A vs adapters
 #   bash run.sh shifted [--key value ...]   the same rows on a stream whose tasks SHIFT (default [3,4,8]) are shown
-#                                           greyscale and inverted (shift_tasks)
+#                                           greyscale and inverted (shift_tasks); curve and shifted with FORK=1 train
+#                                           SD-LoRA's task 0 once: the schedule and drift rows fork its run at task 1
 #   bash run.sh quick [--key value ...]     the protocol check: SD-LoRA, the Gumbel rule, growth on drift (0.3), the
 #                                           schedules [0,3,6] and [0,2,4,6,8] with reuse, seq_lora, the head-only
 #                                           floor and InfLoRA (Adam 2e-3) on exps/protocols/$PROTOCOL.json (default
@@ -77,7 +78,7 @@ run() {  # run NAME ARGS...: one main.py run, its console output in $LOG_DIR/NAM
 summarize() {  # the report over the run folders named in the console logs (runs that finished a task)
   local dirs=() d f
   for f in "${OUTS[@]}"; do
-    d=$(grep -m1 -o "Run folder: .*" "$f" 2>/dev/null | sed 's/^Run folder: //') || true
+    d=$(grep -m1 -o "Run folder: [^,]*" "$f" 2>/dev/null | sed 's/^Run folder: //') || true
     if [ -n "$d" ] && grep -q '"til_A"' "$d/metrics.json" 2>/dev/null; then
       echo "(task-incremental run, til_* metrics, not in the report: $d)"
     elif [ -n "$d" ] && [ -f "$d/metrics.json" ]; then dirs+=("$d"); else echo "(no finished task in $f)"; fi
@@ -85,6 +86,18 @@ summarize() {  # the report over the run folders named in the console logs (runs
   if [ ${#dirs[@]} -gt 0 ]; then
     "$PY" main.py --report "${dirs[@]}" --report_out "$LOG_DIR/report_$(date +%Y%m%d-%H%M%S)"
   fi
+}
+
+after_task0() {  # after_task0 LOG: the run folder of console log LOG once its task 0 is saved (waits for it)
+  local d
+  while :; do
+    d=$(grep -m1 -o "Run folder: [^,]*" "$1" 2>/dev/null | sed 's/^Run folder: //') || true
+    if [ -n "$d" ] && grep -q '"A"' "$d/metrics.json" 2>/dev/null; then echo "$d"; return 0; fi
+    if grep -q "^error:" "$1" 2>/dev/null || [ "$(jobs -rp | wc -l)" -eq 0 ]; then
+      echo "run.sh: $1 has no finished task 0 to fork from" >&2; return 1
+    fi
+    sleep 5
+  done
 }
 
 SEEDS=${SEEDS:-1993 1994}
@@ -181,15 +194,21 @@ if [ "${1:-}" = "curve" ] || [ "${1:-}" = "shifted" ]; then
   if [ "$mode" = shifted ]; then SHIFT=${SHIFT:-[3,4,8]}; X=(--shift_tasks "$SHIFT"); tag="shifted$(echo "$SHIFT" | tr -d '[], ')"; fi
   for seed in $SEEDS; do
     run "${tag}_sdlora_$seed" --config=exps/sdlora_c100.json "${P[@]}" "${X[@]}" --prefix "${tag}_sdlora" --seed $seed "$@"
+    # the schedules' and the drift rule's task 0 is SD-LoRA's: FORK=1 trains it once and forks the SD-LoRA run at
+    # task 1 (bit for bit the same runs: tests/test_fork.py), waiting for its task 0 when it runs in the background
+    S=(--config=exps/sdlora_c100.json "${P[@]}" "${X[@]}")
+    if [ "${FORK:-0}" = 1 ] && [[ "${tag}_sdlora_$seed" =~ $ONLY ]]; then
+      S=(--fork_from "$(after_task0 "$LOG_DIR/${tag}_sdlora_$seed.out")" --fork_task 1)
+    fi
     for sched in "0,5" "0,3,6" "0,2,5,7" "0,2,4,6,8"; do
       st=$(echo "$sched" | tr -d ,)
-      run "${tag}_sched${st}_$seed" --config=exps/sdlora_c100.json "${P[@]}" "${X[@]}" --growth_schedule "[$sched]" \
-          --skip_mode reuse --prefix "${tag}_sched${st}" --seed $seed "$@"
+      run "${tag}_sched${st}_$seed" "${S[@]}" --growth_schedule "[$sched]" --skip_mode reuse --prefix "${tag}_sched${st}" \
+          --seed $seed "$@"
     done
     run "${tag}_gumbel_$seed" --config=exps/gumbel_c100.json "${P[@]}" "${X[@]}" --prefix "${tag}_gumbel" --seed $seed "$@"
     for th in $DRIFTS; do
-      run "${tag}_drift${th}_$seed" --config=exps/sdlora_c100.json "${P[@]}" "${X[@]}" --skip_mode reuse \
-          --drift_threshold "$th" --prefix "${tag}_drift${th}" --seed $seed "$@"
+      run "${tag}_drift${th}_$seed" "${S[@]}" --skip_mode reuse --drift_threshold "$th" --prefix "${tag}_drift${th}" \
+          --seed $seed "$@"
     done
   done
   wait_below 1; wait

@@ -89,3 +89,19 @@ def test_fork_needs_both_flags_and_a_run_folder(tmp_path, capsys):
         main(["--fork_from", str(tmp_path)])
     assert main(["--fork_from", str(tmp_path), "--fork_task", "1"]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rule", [{"growth_schedule": [0, 2], "skip_mode": "reuse"},
+                                  {"drift_threshold": 1e-9, "skip_mode": "reuse"}])
+def test_a_growth_rule_forked_after_sdlora_task_0_equals_its_run_from_scratch(rule, tiny, tmp_path):
+    """What run.sh curve FORK=1 relies on: a schedule's or the drift rule's task 0 is SD-LoRA's, so a fork of the
+    SD-LoRA run at task 1 gives the rule's run bit for bit."""
+    alone = run(dict(tiny, epochs=2, **rule), tmp_path, "rule.json")
+    parent = run(dict(tiny, epochs=2), tmp_path, "sdlora.json")
+    code, child = fork(parent, 1, *[a for k, v in rule.items() for a in (f"--{k}", json.dumps(v))])
+    assert code == 0
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (alone, child))
+    assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["active_adapters"] == b["active_adapters"]
+    for t in range(3):
+        x, y = load_file(str(alone / f"task_{t}.safetensors")), load_file(str(child / f"task_{t}.safetensors"))
+        assert all(torch.equal(x[k], y[k]) for k in x)
