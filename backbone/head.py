@@ -24,3 +24,11 @@ class GrowingHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight, self.bias)
+
+
+class CosineHead(GrowingHead):
+    """A cosine classifier: logit_c = cos(x, w_c), features and rows normalised (SimpleCIL's prototypes). The bias
+    is kept at zero and never used, so checkpoints hold the same tensors as the linear head's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(nn.functional.normalize(x, dim=-1), nn.functional.normalize(self.weight, dim=-1))

@@ -79,7 +79,7 @@ class Learner:
         vit = create_vit(cfg.backbone_type, cfg.pretrained, cfg.pretrained_path, cfg.img_size, cfg.backbone_kwargs)
         gate = self.make_gate(len(vit.blocks))
         backbone = LoRAViT(vit, gate, cfg.lora_targets, cfg.direction_norm, cfg.adapter_strategy)
-        self.net = Net(backbone, GrowingHead(backbone.num_features)).to(device)
+        self.net = Net(backbone, self.make_head(backbone.num_features)).to(device)
         mean = vit.pretrained_cfg.get("mean") if cfg.normalize else None
         std = vit.pretrained_cfg.get("std") if cfg.normalize else None
         self.train_tf, self.test_tf = build_transforms(cfg.img_size, cfg.crop_scale, mean, std)
@@ -98,6 +98,14 @@ class Learner:
     # ---- hooks a method overrides ---------------------------------------------------------------
     def make_gate(self, n_layers: int) -> AdapterGate:
         return AdapterGate(n_layers)
+
+    def make_head(self, n_features: int) -> GrowingHead:
+        """The classifier over the backbone's features: a linear head that grows by a task's classes."""
+        return GrowingHead(n_features)
+
+    def train_loader(self, dm: DataManager, task: int) -> DataLoader:
+        """The images ``train_task`` sees: the task's training set, augmented and shuffled."""
+        return self.loader(dm.train_set(task, self.train_tf), train=True, task=task)
 
     @property
     def alpha_init(self) -> float:
@@ -379,7 +387,7 @@ class Learner:
         self.begin_task(task, hi - lo)
         self.task_steps = self.task_epochs = 0
         t0 = time.perf_counter()
-        self.train_task(task, self.loader(dm.train_set(task, self.train_tf), train=True, task=task))
+        self.train_task(task, self.train_loader(dm, task))
         self.end_task(task)
         t1 = time.perf_counter()
         res = self.evaluate(dm, task)

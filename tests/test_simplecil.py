@@ -1,0 +1,71 @@
+"""SimpleCIL: class prototypes of the frozen backbone, a cosine classifier, no training."""
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from main import main
+from models.simplecil import class_means
+
+
+def run(cfg: dict, tmp_path: Path, *extra) -> Path:
+    p = tmp_path / "cfg.json"
+    p.write_text(json.dumps(cfg))
+    before = set(Path(cfg["log_dir"]).iterdir()) if Path(cfg["log_dir"]).exists() else set()
+    assert main([f"--config={p}", *extra]) == 0
+    (new,) = set(Path(cfg["log_dir"]).iterdir()) - before
+    return new
+
+
+def test_class_means_equal_the_batch_means():
+    g = torch.Generator().manual_seed(0)
+    f, y = torch.randn(50, 7, generator=g), torch.randint(4, 8, (50,), generator=g)
+    got = class_means(f, y, range(4, 8))
+    want = torch.stack([f[y == c].double().mean(0) for c in range(4, 8)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_prototypes_are_the_class_means_of_the_frozen_features_and_the_classifier_is_cosine(tiny, tmp_path):
+    from main import make_data_manager
+    from models import get_learner
+    from utils.config import build_config
+    from utils.data.datasets import load_dataset
+    # the loader path: the brute force below applies the same torchvision transform per image
+    cfg = build_config(dict({k: v for k, v in tiny.items() if k != "lora_rank"}, model_name="simplecil",
+                            augment_on="loader"))
+    rd = run(cfg.to_dict(), tmp_path)
+    m = json.loads((rd / "metrics.json").read_text())
+    assert m["train_steps"] == [0, 0, 0] and m["active_adapters"] == [0, 0, 0] and m["adapter_params"] == [0, 0, 0]
+    # brute force: the backbone's features of every training image of a task (test transform), in one batch
+    dm = make_data_manager(cfg, load_dataset(cfg), cfg.seeds[0])
+    learner = get_learner("simplecil")(cfg, torch.device("cpu"), tmp_path / "scratch", cfg.seeds[0])
+    head = load_file(str(rd / "task_2.safetensors"))["head.weight"]
+    learner.net.eval()
+    for t in range(3):
+        ds = dm.train_set(t, learner.test_tf)
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        y = torch.tensor([ds[i][1] for i in range(len(ds))])
+        with torch.no_grad():
+            f = learner.net.backbone(x)
+        lo, hi = dm.task_range(t)
+        want = torch.stack([f[y == c].double().mean(0) for c in range(lo, hi)]).float()
+        torch.testing.assert_close(head[lo:hi], want, rtol=1e-5, atol=1e-6)
+    # the logits are cosines: scaling a feature vector changes nothing
+    learner.net.head.expand(6)
+    with torch.no_grad():
+        learner.net.head.weight.copy_(head)
+        z = torch.randn(3, head.shape[1])
+        torch.testing.assert_close(learner.net.head(z), learner.net.head(5 * z))
+        assert learner.net.head(z).abs().max() <= 1 + 1e-6
+
+
+def test_resumed_simplecil_equals_uninterrupted(tiny, tmp_path):
+    cfg = dict({k: v for k, v in tiny.items() if k != "lora_rank"}, model_name="simplecil")
+    full = run(cfg, tmp_path)
+    part = run(dict(cfg, max_tasks=1), tmp_path)
+    assert main(["--resume", str(part), "--max_tasks", "3"]) == 0
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, part))
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
+    x, y = load_file(str(full / "task_2.safetensors")), load_file(str(part / "task_2.safetensors"))
+    assert all(torch.equal(x[k], y[k]) for k in x)
