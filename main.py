@@ -159,6 +159,9 @@ def fork(parent: Path, k: int, config: str | None, overrides: dict) -> Path:
     else:  # the parent's resolved keys; a protocol given now is laid over them
         cfg = build_config(apply_protocol(parent_raw, overrides) if "protocol" in overrides
                            else dict(parent_raw, **overrides))
+    if not getattr(get_learner(cfg.model_name), "forkable", True):
+        raise ConfigError(f"model_name '{cfg.model_name}' keeps only its latest statistics, not each task's: its runs "
+                          "resume (--resume) but cannot fork")
     check_fork(parent, parent_cfg, cfg, k)
     device = resolve_device(cfg.device)
     dist.init(device.type)

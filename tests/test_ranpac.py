@@ -1,0 +1,96 @@
+"""RanPAC: a fixed random projection of the frozen features and a ridge classifier over accumulated statistics."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from main import main
+from models.ranpac import RIDGES, STATE, accumulate, choose_ridge, solve
+
+M = 24
+
+
+def run(cfg: dict, tmp_path: Path, *extra) -> Path:
+    p = tmp_path / "cfg.json"
+    p.write_text(json.dumps(cfg))
+    before = set(Path(cfg["log_dir"]).iterdir()) if Path(cfg["log_dir"]).exists() else set()
+    assert main([f"--config={p}", *extra]) == 0
+    (new,) = set(Path(cfg["log_dir"]).iterdir()) - before
+    return new
+
+
+@pytest.fixture
+def cfg(tiny):
+    return dict({k: v for k, v in tiny.items() if k != "lora_rank"}, model_name="ranpac", ranpac_dim=M,
+                augment_on="loader")
+
+
+def test_incremental_statistics_equal_the_batch_ones():
+    g = torch.Generator().manual_seed(0)
+    h, y = torch.rand(40, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (40,), generator=g)
+    G, Q = torch.zeros(6, 6, dtype=torch.float64), torch.zeros(6, 5, dtype=torch.float64)
+    for part in (slice(0, 13), slice(13, 29), slice(29, 40)):
+        accumulate(G, Q, h[part], y[part])
+    Y = torch.nn.functional.one_hot(y, 5).double()
+    torch.testing.assert_close(G, h.T @ h, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(Q, h.T @ Y, rtol=1e-12, atol=1e-12)
+
+
+def test_the_ridge_search_in_dual_form_equals_the_primal_fit():
+    g = torch.Generator().manual_seed(1)
+    h, y = torch.rand(30, 12, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
+    best, losses = choose_ridge(h, y, 3)
+    Y = torch.nn.functional.one_hot(y, 3).double()
+    for lam, loss in zip(RIDGES, losses):
+        W = torch.linalg.solve(h[:24].T @ h[:24] + lam * torch.eye(12, dtype=torch.float64), h[:24].T @ Y[:24])
+        want = float(((h[24:] @ W - Y[24:]) ** 2).mean())
+        assert abs(loss - want) <= 1e-6 * max(want, 1e-12) + 1e-12, lam
+    assert best == RIDGES[min(range(len(losses)), key=losses.__getitem__)]
+
+
+def test_the_classifier_is_the_ridge_solution_over_every_image_seen(cfg, tmp_path):
+    from main import make_data_manager
+    from models import get_learner
+    from utils.config import build_config
+    from utils.data.datasets import load_dataset
+    rd = run(cfg, tmp_path)
+    m = json.loads((rd / "metrics.json").read_text())
+    assert len(m["ridge"]) == 3 and m["train_steps"] == [0, 0, 0]
+    c = build_config(cfg)
+    dm = make_data_manager(c, load_dataset(c), c.seeds[0])
+    learner = get_learner("ranpac")(c, torch.device("cpu"), tmp_path / "scratch", c.seeds[0])
+    W_rand = load_file(str(rd / "task_0.safetensors"))["ranpac.W_rand"]
+    assert torch.equal(W_rand, torch.randn(W_rand.shape, generator=torch.Generator().manual_seed(c.seeds[0])))
+    learner.net.eval()
+    hs, ys = [], []
+    for t in range(3):  # brute force: every training image of tasks 0..2 at once, in dataset order
+        ds = dm.train_set(t, learner.test_tf)
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        with torch.no_grad():
+            hs.append(torch.relu(learner.net.backbone(x) @ W_rand).double())
+        ys.append(torch.tensor([ds[i][1] for i in range(len(ds))]))
+    h, y = torch.cat(hs), torch.cat(ys)
+    Y = torch.nn.functional.one_hot(y, 6).double()
+    want = solve(h.T @ h, h.T @ Y, m["ridge"][-1]).float()
+    torch.testing.assert_close(load_file(str(rd / "task_2.safetensors"))["head.weight"], want, rtol=1e-4, atol=1e-5)
+
+
+def test_resumed_ranpac_equals_uninterrupted_and_cannot_fork(cfg, tmp_path, capsys):
+    full = run(cfg, tmp_path)
+    part = run(dict(cfg, max_tasks=1), tmp_path)
+    assert main(["--resume", str(part), "--max_tasks", "3"]) == 0
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, part))
+    assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["ridge"] == b["ridge"]
+    x, y = load_file(str(full / "task_2.safetensors")), load_file(str(part / "task_2.safetensors"))
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    assert main(["--fork_from", str(full), "--fork_task", "1"]) == 2
+    assert "cannot fork" in capsys.readouterr().err
+
+
+def test_a_resume_without_the_statistics_names_the_files(cfg, tmp_path, capsys):
+    part = run(dict(cfg, max_tasks=1), tmp_path)
+    (part / STATE).unlink()
+    assert main(["--resume", str(part), "--max_tasks", "2"]) == 2
+    assert "no RanPAC statistics (G, Q) after task 0" in capsys.readouterr().err
