@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader
 
 from backbone.head import GrowingHead
 from models import register
-from models.base import Learner, task_seed
-from models.simplecil import SimpleCIL
+from models.base import task_seed
+from models.simplecil import PrototypeKeys, SimpleCIL, check_adapt_keys
 from utils.config import _positive
 from utils.config.schema import _key
 from utils import dist
@@ -40,8 +40,8 @@ STATE, PREV = "ranpac_state.safetensors", "ranpac_state.prev.safetensors"
 
 
 @dataclasses.dataclass
-class RanPACKeys:
-    """RanPAC's own config key."""
+class RanPACKeys(PrototypeKeys):
+    """RanPAC's own config keys (first_session_adapt: as SimpleCIL's)."""
     ranpac_dim: int = _key(10000, "M, the random projection's width (the paper's default 10,000); G is M x M",
                            check=_positive)
 
@@ -99,7 +99,7 @@ def solve(G: torch.Tensor, Q: torch.Tensor, ridge: float) -> torch.Tensor:
     return torch.linalg.solve(G + ridge * eye, Q).t()
 
 
-@register("ranpac", keys=RanPACKeys)
+@register("ranpac", keys=RanPACKeys, uses=("lora_rank", "lora_targets"), check=check_adapt_keys)
 class RanPAC(SimpleCIL):
     """SimpleCIL's data path (the task's training images, test transform, no adapter), RanPAC's classifier."""
 
@@ -118,7 +118,8 @@ class RanPAC(SimpleCIL):
         return ProjectionHead(n_features, self.cfg.ranpac_dim, self.seed)
 
     @torch.no_grad()
-    def train_task(self, task: int, loader: DataLoader) -> None:
+    def set_classifier(self, task: int, loader: DataLoader) -> None:
+        """G and Q take the task's images; the ridge is chosen on them; the classifier is solved again."""
         hi = self.net.head.out_features
         lo = hi - self.n_new
         f, y = self.features(loader)

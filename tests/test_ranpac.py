@@ -94,3 +94,12 @@ def test_a_resume_without_the_statistics_names_the_files(cfg, tmp_path, capsys):
     (part / STATE).unlink()
     assert main(["--resume", str(part), "--max_tasks", "2"]) == 2
     assert "no RanPAC statistics (G, Q) after task 0" in capsys.readouterr().err
+
+
+def test_ranpac_with_first_session_adaptation_resumes_exactly(cfg, tiny, tmp_path):
+    cfg = dict(cfg, first_session_adapt=True, lora_rank=tiny["lora_rank"], epochs=2)
+    full = run(cfg, tmp_path)
+    part = run(dict(cfg, max_tasks=1), tmp_path)
+    assert main(["--resume", str(part), "--max_tasks", "3"]) == 0
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, part))
+    assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["train_steps"][0] > 0

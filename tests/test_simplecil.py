@@ -69,3 +69,41 @@ def test_resumed_simplecil_equals_uninterrupted(tiny, tmp_path):
     assert a["accuracy_matrix"] == b["accuracy_matrix"]
     x, y = load_file(str(full / "task_2.safetensors")), load_file(str(part / "task_2.safetensors"))
     assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_first_session_adaptation_trains_one_adapter_merges_it_and_resumes_exactly(tiny, tmp_path, capsys):
+    from main import make_data_manager
+    from models import get_learner
+    from utils.config import build_config
+    from utils.data.datasets import load_dataset
+    cfg = dict(tiny, model_name="simplecil", first_session_adapt=True, augment_on="loader", epochs=2)
+    full = run(cfg, tmp_path)
+    m = json.loads((full / "metrics.json").read_text())
+    assert m["train_steps"][0] > 0 and m["train_steps"][1:] == [0, 0]
+    ck0 = load_file(str(full / "task_0.safetensors"))
+    assert "adapter.0.A" in ck0 and ck0["adapter.0.B"].abs().sum() > 0  # the adapter trained and is saved
+    # the restored network is the merged one: its features' class means are the saved prototypes
+    c = build_config(cfg)
+    dm = make_data_manager(c, load_dataset(c), c.seeds[0])
+    learner = get_learner("simplecil")(c, torch.device("cpu"), full, c.seeds[0])
+    learner.restore(dm, 2)
+    assert learner.gate.frozen_active() == [] and learner.gate.current is None  # no adapter in the forward pass
+    learner.net.eval()
+    head = load_file(str(full / "task_2.safetensors"))["head.weight"]
+    for t in range(3):
+        ds = dm.train_set(t, learner.test_tf)
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        y = torch.tensor([ds[i][1] for i in range(len(ds))])
+        with torch.no_grad():
+            f = learner.net.backbone(x)
+        lo, hi = dm.task_range(t)
+        want = torch.stack([f[y == k].double().mean(0) for k in range(lo, hi)]).float()
+        torch.testing.assert_close(head[lo:hi], want, rtol=1e-4, atol=1e-5)
+    part = run(dict(cfg, max_tasks=1), tmp_path)
+    assert main(["--resume", str(part), "--max_tasks", "3"]) == 0
+    assert json.loads((part / "metrics.json").read_text())["accuracy_matrix"] == m["accuracy_matrix"]
+    # without the adaptation the adapter's keys mean nothing: refused
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(dict(tiny, model_name="simplecil")))  # tiny sets lora_rank 4
+    assert main([f"--config={p}"]) == 2
+    assert "'lora_rank' only applies with \"first_session_adapt\": true" in capsys.readouterr().err
