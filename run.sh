@@ -21,7 +21,7 @@
 #                                           SD-LoRA's task 0 once: the schedule and drift rows fork its run at task 1
 #   bash run.sh quick [--key value ...]     the protocol check: SD-LoRA, the Gumbel rule, growth on drift (0.3), the
 #                                           schedules [0,3,6] and [0,2,4,6,8] with reuse, seq_lora, the head-only
-#                                           floor, InfLoRA (Adam 2e-3), SimpleCIL and RanPAC on
+#                                           floor, InfLoRA (Adam 2e-3), SimpleCIL, RanPAC (and with first-session adaptation) on
 #                                           exps/protocols/$PROTOCOL.json (default
 #                                           quick; PROTOCOL=offline gives the same rows on the offline protocol)
 #   bash run.sh scan [--key value ...]      the growth-rule scan on the offline protocol: gumbel_c100.json with
@@ -127,6 +127,7 @@ if [ "${1:-}" = "quick" ]; then
     row inflora_lr2e-3 --config=exps/inflora_c100.json --shuffle true --lrate 0.002 --scheduler constant
     row simplecil --config=exps/simplecil_c100.json   # the training-free peers: prototypes, and RanPAC (M 10,000)
     row ranpac --config=exps/ranpac_c100.json
+    row ranpac_fsa --config=exps/ranpac_c100.json --first_session_adapt true   # with one adapter trained on task 0
   done
   wait_below 1; wait
   summarize
