@@ -31,9 +31,13 @@ def digest(folder: Path) -> dict:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.iterdir() if f.is_file()}
 
 
-@pytest.mark.parametrize("extra", [{}, {"growth_schedule": [0, 2], "skip_mode": "reuse"}])
+GUMBEL = dict(model_name="gumbel_sdlora", gate_scope="new", warmup_fraction=0.2, phase1_fraction=0.2, epochs=5,
+              gumbel_tau_schedule="phase", gate_lr=5.0, growth_cost=0.05, skip_mode="reuse", retrain="skip")
+
+
+@pytest.mark.parametrize("extra", [{}, {"growth_schedule": [0, 2], "skip_mode": "reuse"}, GUMBEL])
 def test_fork_at_k_equals_the_uninterrupted_run(extra, tiny, tmp_path):
-    cfg = dict(tiny, epochs=2, **extra)
+    cfg = dict(tiny, **{"epochs": 2, **extra})
     parent = run(cfg, tmp_path)
     untouched = digest(parent)
     code, child = fork(parent, 2)
@@ -46,7 +50,12 @@ def test_fork_at_k_equals_the_uninterrupted_run(extra, tiny, tmp_path):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     rec = json.loads((child / "fork.json").read_text())
     assert rec["parent"] == str(parent.resolve()) and rec["fork_task"] == 2
-    assert rec["copied"] == ["task_0.safetensors", "task_1.safetensors"]
+    want = ["task_0.safetensors", "task_1.safetensors"]
+    if extra is GUMBEL:  # the growth rule's per-task records come along
+        want = ["beta_values_task_0.pt", "beta_values_task_1.pt"] + want
+        assert torch.equal(load_file(str(parent / "task_2.safetensors"))["gate.pruning_mask"],
+                           load_file(str(child / "task_2.safetensors"))["gate.pruning_mask"])
+    assert rec["copied"] == want
     # a forked folder resumes like any other
     assert main(["--resume", str(child)]) == 0
 
