@@ -79,3 +79,13 @@ def test_protocol_check_reads_runs_and_given_numbers(tmp_path, capsys):
                                 "b,offline,1,45,55"])
     out = capsys.readouterr().out
     assert code == 0 and "| b | 45.00 / 55.00 | 20.00 / 30.00 | 2 | 2 |" in out and "tau (A_last) 1.000" in out
+
+
+def test_vit_port_check_prints_a_row_per_variant(capsys, tmp_path):
+    from benchmarks import vit_port_check
+    vit_port_check.main(["--config", "exps/demo.json", "--variants", "timm", "no_layerscale", "--train_per_class", "8",
+                         "--log_dir", str(tmp_path)])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] in (["timm"],
+                                                                                             ["no_layerscale"])]
+    assert [r[0] for r in rows] == ["timm", "no_layerscale"]
+    assert rows[0][1:] == rows[1][1:]  # vit_tiny has no LayerScale: the variant changes nothing
