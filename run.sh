@@ -103,12 +103,12 @@ after_task0() {  # after_task0 LOG: the run folder of console log LOG once its t
 
 SEEDS=${SEEDS:-1993 1994}
 SHARED=${SHARED:-../shared}
-P=(--protocol exps/protocols/offline.json --data_path "$SHARED/data/cifar100/cifar100.npz"
-   --pretrained_path "$SHARED/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors")  # the offline protocol (exps/protocols/offline.json) on the files in SHARED
+P=(--protocol exps/protocols/offline_unnormalised.json --data_path "$SHARED/data/cifar100/cifar100.npz"
+   --pretrained_path "$SHARED/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors")  # the protocol of docs/' tables (unnormalised) on the files in SHARED
 
 if [ "${1:-}" = "quick" ]; then
-  # the protocol check (README, "The quick protocol"): eight rows with offline-protocol numbers, on PROTOCOL
-  # (default quick: exps/protocols/quick.json; PROTOCOL=offline runs the same rows on the offline protocol), SEEDS
+  # the protocol check (docs/protocols.md): the rows on PROTOCOL (default quick: exps/protocols/quick.json; PROTOCOL=offline
+  # runs the same rows on the offline protocol; the validation table used quick_unnormalised / offline_unnormalised), SEEDS
   shift
   PROTO=${PROTOCOL:-quick}
   Q=(--protocol "exps/protocols/$PROTO.json" --data_path "$SHARED/data/cifar100/cifar100.npz"

@@ -4,8 +4,8 @@ of the two rankings and the pairs that swap, per seed.
     python benchmarks/protocol_check.py --runs logs/quick_* logs/offline_* \
         --given sdlora,offline,1993,45.00,51.78 [--reference offline] [--candidate quick] [--gap 2]
 
-A run folder's row is its config's ``prefix`` without the protocol part (``quick_sdlora`` -> row ``sdlora`` of
-protocol ``quick``: the prefix run.sh quick gives); ``--given ROW,PROTOCOL,SEED,A_LAST,A_AVG`` adds a number
+A run folder's protocol is the file its config.json recorded (its name without .json), its row the config's
+``prefix`` without that name (``quick_sdlora`` -> row ``sdlora``: the prefix run.sh quick gives); ``--given ROW,PROTOCOL,SEED,A_LAST,A_AVG`` adds a number
 measured earlier whose folder is gone. The bar printed at the end: tau >= 0.7 and every pair that differs by
 >= ``--gap`` points of A_last on the reference protocol keeps its order on the candidate.
 """
@@ -49,7 +49,9 @@ def read_runs(folders: list[str], table: dict) -> None:
     for f in folders:
         cfg = json.loads((Path(f) / "config.json").read_text())
         metrics = json.loads((Path(f) / "metrics.json").read_text())
-        proto, _, row = cfg["prefix"].partition("_")
+        prefix = cfg["prefix"]
+        proto = Path(cfg.get("protocol") or "").stem or prefix.partition("_")[0]  # the file the run recorded
+        row = prefix[len(proto) + 1:] if prefix.startswith(proto + "_") else prefix
         table[(row, proto, int(cfg["seed"]))] = (metrics["A_last"], metrics["A_avg"], len(metrics["A"]))
 
 

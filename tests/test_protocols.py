@@ -24,13 +24,20 @@ def _at_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # protocol paths are relative to the repository root, as run.sh runs them
 
 
-def test_offline_protocol_is_the_old_command_line_key_for_key():
+def test_the_unnormalised_offline_protocol_is_the_old_command_line_key_for_key():
     for cfg_path in ("exps/sdlora_c100.json", "exps/gumbel_c100.json", "exps/inflora_c100.json"):
-        by_file = load_config(cfg_path, {"protocol": "exps/protocols/offline.json"}).to_dict()
+        by_file = load_config(cfg_path, {"protocol": "exps/protocols/offline_unnormalised.json"}).to_dict()
         by_flags = load_config(cfg_path, OFFLINE_OVERRIDES).to_dict()
-        assert by_file.pop("protocol") == "exps/protocols/offline.json"
+        assert by_file.pop("protocol") == "exps/protocols/offline_unnormalised.json"
         assert by_flags.pop("protocol") is None
         assert by_file == by_flags
+
+
+@pytest.mark.parametrize("name", ["offline", "quick"])
+def test_each_protocol_is_its_unnormalised_one_with_normalisation(name):
+    keys = {n: json.loads((ROOT / f"exps/protocols/{n}.json").read_text())["keys"] for n in (name, f"{name}_unnormalised")}
+    assert keys[name] == dict(keys[f"{name}_unnormalised"], normalize=True)
+    assert keys[f"{name}_unnormalised"]["normalize"] is False
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=lambda p: p.stem)
