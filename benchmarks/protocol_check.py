@@ -68,6 +68,9 @@ def main(argv=None) -> int:
         row, proto, seed, a_last, a_avg = g.split(",")
         table[(row, proto, int(seed))] = (float(a_last), float(a_avg), None)
     read_runs(args.runs, table)
+    most = max((n for *_, n in table.values() if n is not None), default=None)
+    for key in [k for k, v in table.items() if v[2] is not None and v[2] < most]:  # a run still going, or cut short
+        print(f"(left out: {key[0]} on {key[1]}, seed {key[2]}: {table.pop(key)[2]} of {most} tasks)")
     ok = True
     for seed in sorted({s for _, _, s in table}):
         rows = sorted({r for r, p, s in table if s == seed and (r, args.reference, s) in table

@@ -75,10 +75,15 @@ def test_protocol_check_reads_runs_and_given_numbers(tmp_path, capsys):
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"prefix": "quick_b", "seed": 1}))
     (run / "metrics.json").write_text(json.dumps({"A_last": 20.0, "A_avg": 30.0, "A": [1, 2]}))
-    code = protocol_check.main(["--runs", str(run), "--given", "a,offline,1,50,60", "a,quick,1,30,40",
-                                "b,offline,1,45,55"])
+    short = tmp_path / "s"  # a run still going: left out, and said so
+    short.mkdir()
+    (short / "config.json").write_text(json.dumps({"prefix": "quick_c", "seed": 1}))
+    (short / "metrics.json").write_text(json.dumps({"A_last": 99.0, "A_avg": 99.0, "A": [1]}))
+    code = protocol_check.main(["--runs", str(run), str(short), "--given", "a,offline,1,50,60", "a,quick,1,30,40",
+                                "b,offline,1,45,55", "c,offline,1,40,50"])
     out = capsys.readouterr().out
     assert code == 0 and "| b | 45.00 / 55.00 | 20.00 / 30.00 | 2 | 2 |" in out and "tau (A_last) 1.000" in out
+    assert "left out: c on quick, seed 1: 1 of 2 tasks" in out and "| c |" not in out
 
 
 def test_vit_port_check_prints_a_row_per_variant(capsys, tmp_path):
