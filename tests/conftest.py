@@ -21,6 +21,19 @@ TINY = dict(
 )
 
 
+def run_config(cfg: dict, tmp_path: Path, name: str = "cfg.json", *extra) -> Path:
+    """Write cfg as a config file, run main.py on it, return the one run folder it made."""
+    import json
+    from main import main
+    p = tmp_path / name
+    p.write_text(json.dumps(cfg))
+    logs = Path(cfg["log_dir"])
+    before = set(logs.iterdir()) if logs.exists() else set()
+    assert main([f"--config={p}", *extra]) == 0
+    (new,) = set(logs.iterdir()) - before
+    return new
+
+
 @pytest.fixture
 def tiny(tmp_path):
     """A dict of config keys for a few-second run, writing into a temporary log_dir."""

@@ -8,15 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from main import main
+from tests.conftest import run_config
 
 
-def run(cfg: dict, tmp_path: Path, name: str = "cfg.json", *extra) -> Path:
-    p = tmp_path / name
-    p.write_text(json.dumps(cfg))
-    before = set(Path(cfg["log_dir"]).iterdir()) if Path(cfg["log_dir"]).exists() else set()
-    assert main([f"--config={p}", *extra]) == 0
-    (new,) = set(Path(cfg["log_dir"]).iterdir()) - before
-    return new
+run = run_config  # tests/conftest.py
 
 
 def fork(parent: Path, k: int, *extra) -> tuple[int, Path | None]:

@@ -1,24 +1,18 @@
 """RanPAC: a fixed random projection of the frozen features and a ridge classifier over accumulated statistics."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from main import main
+from tests.conftest import run_config
 from models.ranpac import RIDGES, STATE, accumulate, choose_ridge, solve
 
 M = 24
 
 
-def run(cfg: dict, tmp_path: Path, *extra) -> Path:
-    p = tmp_path / "cfg.json"
-    p.write_text(json.dumps(cfg))
-    before = set(Path(cfg["log_dir"]).iterdir()) if Path(cfg["log_dir"]).exists() else set()
-    assert main([f"--config={p}", *extra]) == 0
-    (new,) = set(Path(cfg["log_dir"]).iterdir()) - before
-    return new
+run = run_config  # tests/conftest.py
 
 
 @pytest.fixture

@@ -1,21 +1,28 @@
 """SimpleCIL: class prototypes of the frozen backbone, a cosine classifier, no training."""
 import json
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from main import main
+from tests.conftest import run_config
 from models.simplecil import class_means
 
 
-def run(cfg: dict, tmp_path: Path, *extra) -> Path:
-    p = tmp_path / "cfg.json"
-    p.write_text(json.dumps(cfg))
-    before = set(Path(cfg["log_dir"]).iterdir()) if Path(cfg["log_dir"]).exists() else set()
-    assert main([f"--config={p}", *extra]) == 0
-    (new,) = set(Path(cfg["log_dir"]).iterdir()) - before
-    return new
+run = run_config  # tests/conftest.py
+
+
+def assert_prototypes(learner, dm, head, **tol) -> None:
+    """Brute force: every task's training images (test transform) in one batch; the head rows are their class means."""
+    for t in range(dm.n_tasks):
+        ds = dm.train_set(t, learner.test_tf)
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        y = torch.tensor([ds[i][1] for i in range(len(ds))])
+        with torch.no_grad():
+            f = learner.net.backbone(x)
+        lo, hi = dm.task_range(t)
+        want = torch.stack([f[y == k].double().mean(0) for k in range(lo, hi)]).float()
+        torch.testing.assert_close(head[lo:hi], want, **tol)
 
 
 def test_class_means_equal_the_batch_means():
@@ -42,15 +49,7 @@ def test_prototypes_are_the_class_means_of_the_frozen_features_and_the_classifie
     learner = get_learner("simplecil")(cfg, torch.device("cpu"), tmp_path / "scratch", cfg.seeds[0])
     head = load_file(str(rd / "task_2.safetensors"))["head.weight"]
     learner.net.eval()
-    for t in range(3):
-        ds = dm.train_set(t, learner.test_tf)
-        x = torch.stack([ds[i][0] for i in range(len(ds))])
-        y = torch.tensor([ds[i][1] for i in range(len(ds))])
-        with torch.no_grad():
-            f = learner.net.backbone(x)
-        lo, hi = dm.task_range(t)
-        want = torch.stack([f[y == c].double().mean(0) for c in range(lo, hi)]).float()
-        torch.testing.assert_close(head[lo:hi], want, rtol=1e-5, atol=1e-6)
+    assert_prototypes(learner, dm, head, rtol=1e-5, atol=1e-6)
     # the logits are cosines: scaling a feature vector changes nothing
     learner.net.head.expand(6)
     with torch.no_grad():
@@ -90,15 +89,7 @@ def test_first_session_adaptation_trains_one_adapter_merges_it_and_resumes_exact
     assert learner.gate.frozen_active() == [] and learner.gate.current is None  # no adapter in the forward pass
     learner.net.eval()
     head = load_file(str(full / "task_2.safetensors"))["head.weight"]
-    for t in range(3):
-        ds = dm.train_set(t, learner.test_tf)
-        x = torch.stack([ds[i][0] for i in range(len(ds))])
-        y = torch.tensor([ds[i][1] for i in range(len(ds))])
-        with torch.no_grad():
-            f = learner.net.backbone(x)
-        lo, hi = dm.task_range(t)
-        want = torch.stack([f[y == k].double().mean(0) for k in range(lo, hi)]).float()
-        torch.testing.assert_close(head[lo:hi], want, rtol=1e-4, atol=1e-5)
+    assert_prototypes(learner, dm, head, rtol=1e-4, atol=1e-5)
     part = run(dict(cfg, max_tasks=1), tmp_path)
     assert main(["--resume", str(part), "--max_tasks", "3"]) == 0
     assert json.loads((part / "metrics.json").read_text())["accuracy_matrix"] == m["accuracy_matrix"]
