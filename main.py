@@ -25,6 +25,7 @@ from utils.config import (Config, ConfigError, build_config, check_device, descr
                           parse_overrides)
 from utils.data.data_manager import DataManager
 from utils.data.datasets import DataError, load_dataset
+from utils.run_metrics import tasks_recorded
 from utils.tracking import TrackingError, check_loggers
 from utils.fork import check_fork, copy_prefix
 from utils.io import CheckpointError, RunFolderBusy, RunLock, WriteError, new_run_dir, save_json
@@ -186,7 +187,7 @@ def fork(parent: Path, k: int, config: str | None, overrides: dict) -> Path:
 def _continue(run_dir: Path, cfg: Config, device: torch.device) -> Path:
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {"A": []}
-    done = len(metrics.get("A", metrics.get("til_A", []))) - 1  # til_A: a task-incremental run
+    done = tasks_recorded(metrics) - 1
     setup_logging(run_dir)
     log = logging.getLogger("cl")
     CURRENT_RUN[:] = [run_dir]

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbone.lora_autograd import FusedLowRank, _DeltaLinear  # noqa: F401  (_DeltaLinear: tests import it here)
+from backbone.lora_autograd import FusedLowRank, _DeltaLinear, add_to_slices  # noqa: F401  (_DeltaLinear: tests)
 
 SLICES = {"q": 0, "k": 1, "v": 2}
 STRATEGIES = ("auto", "fused", "stacked", "merged", "loop")
@@ -257,12 +257,15 @@ class LoRAQKV(nn.Module):
     def merge(self, coeff: torch.Tensor) -> None:
         """Cache W + delta for inference; ``unmerge`` (or any reconfiguration) drops it."""
         with torch.no_grad():
-            w = self.base.weight.detach().clone()
-            if self.n_active:
-                delta = self.delta_weight(coeff)
-                for p, o in enumerate(self.offsets):
-                    w[o:o + self.dim] += delta[p]
-            self._merged = w
+            w = self.base.weight.detach()
+            self._merged = add_to_slices(w, self.delta_weight(coeff), self.offsets) if self.n_active else w.clone()
+
+    @torch.no_grad()
+    def fold_into_base(self, task: int) -> None:
+        """W += B A of adapter ``task`` at weight 1, for good (InfLoRA after each task, APER after task 0)."""
+        A, B = self.lora_A[str(task)], self.lora_B[str(task)]
+        for p, o in enumerate(self.offsets):
+            self.base.weight[o:o + self.dim] += B[p] @ A[p]
 
     def unmerge(self) -> None:
         self._merged = None

@@ -16,6 +16,14 @@ import torch
 import torch.nn.functional as F
 
 
+def add_to_slices(weight: torch.Tensor, blocks, offsets) -> torch.Tensor:
+    """A copy of ``weight`` with ``blocks[p]`` (d x d) added to rows [o_p, o_p + d) of each target slice p."""
+    w = weight.clone()
+    for p, o in enumerate(offsets):
+        w[o:o + blocks[p].shape[0]] += blocks[p].to(w.dtype)
+    return w
+
+
 class _DeltaLinear(torch.autograd.Function):
     """y = x (W + D)^T + b, where D adds ``delta[p]`` to rows [o_p, o_p + d) and W, b are frozen.
 
@@ -33,11 +41,7 @@ class _DeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def merged(weight, delta, offsets):
-        w = weight.clone()
-        d = delta.shape[-1]
-        for p, o in enumerate(offsets):
-            w[o:o + d] += delta[p].to(w.dtype)
-        return w
+        return add_to_slices(weight, delta, offsets)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -54,11 +58,7 @@ class _DeltaLinear(torch.autograd.Function):
 
 def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: torch.Tensor, offsets) -> torch.Tensor:
     """W + sum over slices p of B_p diag(s_p) A_p on rows [o_p, o_p + d)."""
-    w = weight.clone()
-    d = A.shape[-1]
-    for p, o in enumerate(offsets):
-        w[o:o + d] += ((B[p] * s[p]) @ A[p]).to(w.dtype)
-    return w
+    return add_to_slices(weight, [(B[p] * s[p]) @ A[p] for p in range(len(offsets))], offsets)
 
 
 class FusedLowRank(torch.autograd.Function):

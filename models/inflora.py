@@ -171,9 +171,7 @@ class InfLoRA(Learner):
     @torch.no_grad()
     def merge_adapter(self, task: int) -> None:
         for layer in self.net.backbone.layers:
-            A, B = layer.lora_A[str(task)], layer.lora_B[str(task)]
-            for p, o in enumerate(layer.offsets):
-                layer.base.weight[o:o + layer.dim] += B[p] @ A[p]
+            layer.fold_into_base(task)
 
     def memory_numbers(self) -> int:
         """Numbers the method stores besides the adapters: the DualGPM bases of every block."""

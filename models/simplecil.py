@@ -101,9 +101,7 @@ class SimpleCIL(Learner):
     def merge_adapter(self) -> None:
         """W += B_0 A_0 in every adapted block (its weight is 1), and the adapter leaves the forward pass."""
         for layer in self.net.backbone.layers:
-            A, B = layer.lora_A["0"], layer.lora_B["0"]
-            for p, o in enumerate(layer.offsets):
-                layer.base.weight[o:o + layer.dim] += B[p] @ A[p]
+            layer.fold_into_base(0)
         self.net.backbone.freeze_current()  # IsolatedGate: a frozen adapter takes no part
 
     def restore(self, dm: DataManager, done: int) -> None:

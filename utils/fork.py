@@ -16,6 +16,7 @@ from pathlib import Path
 from utils.config.schema import Config, ConfigError
 from utils.io import load_tensors, save_json
 from utils.metrics import summarize
+from utils.run_metrics import tasks_recorded
 
 #: Keys that shaped the parent's first tasks (or what the classes are): a fork must keep them.
 MUST_MATCH = ("model_name", "dataset", "data_path", "expected_classes", "synthetic_classes", "shuffle", "init_cls",
@@ -32,8 +33,7 @@ def tasks_done(run_dir: Path) -> int:
     path = run_dir / "metrics.json"
     if not path.is_file():
         return 0
-    m = json.loads(path.read_text())
-    return len(m.get("A", m.get("til_A", [])))
+    return tasks_recorded(json.loads(path.read_text()))
 
 
 def own_adapters(parent: Path, k: int) -> list[int]:
@@ -80,7 +80,7 @@ def check_fork(parent: Path, parent_cfg: Config, child: Config, k: int) -> None:
 
 def cut_metrics(metrics: dict, k: int) -> dict:
     """metrics.json as it was after task k-1: per-task lists cut, per-task records filtered, summaries redone."""
-    n = len(metrics.get("A", metrics.get("til_A", [])))
+    n = tasks_recorded(metrics)
     out = {}
     for key, value in metrics.items():
         if isinstance(value, list) and value and all(isinstance(v, dict) and "task" in v for v in value):

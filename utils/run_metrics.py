@@ -19,6 +19,11 @@ PER_TASK = ("accuracy_matrix", "A", "old_accuracy", "new_accuracy", "top5", "act
             "train_seconds", "train_steps", "eval_seconds")
 
 
+def tasks_recorded(saved: dict) -> int:
+    """How many tasks a metrics.json (as ``RunMetrics.saved`` writes it) lists; til_A for task-incremental runs."""
+    return len(saved.get("A", saved.get("til_A", [])))
+
+
 class RunMetrics:
     """The metrics of one run, recorded task by task and written to ``run_dir/metrics.json`` each time."""
 
