@@ -6,6 +6,9 @@
 #                                           5 epochs, batch 32): every method and variant of the table
 #   bash run.sh inflora [--key value ...]   InfLoRA beside SD-LoRA on the offline protocol (10 tasks, SEEDS): its own
 #                                           setup, Adam at 2e-3 constant, and the head-only floor (linear_probe)
+#   bash run.sh inflora_causes [...]        InfLoRA rows that change one thing each (input normalisation, the plain
+#                                           spectrum, a centred covariance, A's scale, the rate) on PROTOCOL (default
+#                                           quick_unnormalised), SEEDS
 #   bash run.sh baselines [--key value ...] SD-LoRA, seq_lora and lora_task_id on the first 5 tasks of that protocol
 #   bash run.sh subspace [--key value ...]  the SubLoRA grid on the first 5 tasks of that protocol: intrinsic_dim
 #                                           DIMS (default 1000 2000 5000) x allocation uniform (and with SD-LoRA's
@@ -258,6 +261,30 @@ if [ "${1:-}" = "inflora" ]; then  # InfLoRA beside SD-LoRA on the offline proto
     run "inflora_lr2e-3_$seed" --config=exps/inflora_c100.json "${P[@]}" --shuffle true --lrate 0.002 \
         --scheduler constant --prefix inflora_lr2e-3 --seed $seed "$@"
     run "linear_probe_$seed" --config=exps/linear_probe_c100.json "${P[@]}" --prefix linear_probe --seed $seed "$@"
+  done
+  wait_below 1; wait
+  summarize
+  exit 0
+fi
+
+if [ "${1:-}" = "inflora_causes" ]; then  # the rows that separate the causes of InfLoRA's gap (docs/inflora.md)
+  # on exps/protocols/$PROTOCOL.json (default quick_unnormalised), SEEDS; each row changes one thing of the base
+  # (Adam 2e-3 constant, unnormalised input, squared spectrum, uncentred covariance, A = U / sqrt(3))
+  shift
+  PROTO=${PROTOCOL:-quick_unnormalised}
+  Q=(--protocol "exps/protocols/$PROTO.json" --data_path "$SHARED/data/cifar100/cifar100.npz"
+     --pretrained_path "$SHARED/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors")
+  for seed in $SEEDS; do
+    EXTRA=("$@")
+    row() { local name=$1; shift; run "${PROTO}_${name}_$seed" "$@" "${Q[@]}" --prefix "${PROTO}_$name" --seed "$seed" "${EXTRA[@]}"; }
+    B=(--config=exps/inflora_c100.json --shuffle true --lrate 0.002 --scheduler constant)
+    row inflora_lr2e-3 "${B[@]}"
+    row inflora_norm "${B[@]}" --normalize true          # the backbone's own mean / std on the input
+    row inflora_plain "${B[@]}" --inflora_energy plain   # DualGPM's threshold on the eigenvalues, not their squares
+    row inflora_centre "${B[@]}" --inflora_centre true   # the covariance of centred tokens
+    row inflora_ascale0.12 "${B[@]}" --inflora_a_scale 0.12   # A about the size of a LoRA init (4.4-5.9x smaller)
+    row inflora_lr1e-3 "${B[@]}" --lrate 0.001
+    row inflora_lr5e-3 "${B[@]}" --lrate 0.005
   done
   wait_below 1; wait
   summarize

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -43,6 +43,13 @@ class InfLoRAKeys:
     lamb: float = _key(0.95, "DualGPM threshold after the first task: the share of the input energy the stored "
                        "subspace keeps", check=_unit)
     lame: float = _key(1.0, "DualGPM threshold reached at the last task (linear from lamb)", check=_unit)
+    inflora_energy: Literal["squared", "plain"] = _key(
+        "squared", "what DualGPM's threshold counts: 'squared' singular values of the input covariance (the public "
+        "code) or 'plain' ones, its eigenvalues: the share of the inputs' own energy")
+    inflora_centre: bool = _key(False, "subtract the tokens' mean before the covariance of A_t and DualGPM (the "
+                                "public code does not)")
+    inflora_a_scale: float = _key(1 / math.sqrt(3), "A_t = this x the top singular vectors (public code: 1/sqrt(3))",
+                                  check=lambda v: None if v > 0 else "must be > 0")
 
 
 def _check(cfg, raw: dict) -> list[str]:
@@ -54,33 +61,45 @@ def _check(cfg, raw: dict) -> list[str]:
     return errs
 
 
-def projected_basis(cov: torch.Tensor, memory: Optional[torch.Tensor], retain: bool, rank: int) -> torch.Tensor:
+def projected_basis(cov: torch.Tensor, memory: Optional[torch.Tensor], retain: bool, rank: int,
+                    scale: float = 1 / math.sqrt(3)) -> torch.Tensor:
     """The rank x d down-projection of a task: top singular vectors of its input covariance, outside the
-    stored subspace, / sqrt(3) (public code)."""
+    stored subspace, times ``scale`` (public code: 1 / sqrt(3))."""
     if memory is not None:
         proj = memory @ memory.T
         cov = proj @ cov if retain else cov - proj @ cov
     u = torch.linalg.svd(cov, full_matrices=False)[0]
-    return u[:, :rank].T / math.sqrt(3)
+    return u[:, :rank].T * scale
+
+
+def _outside(cov: torch.Tensor, memory: torch.Tensor, retain: bool, plain: bool) -> torch.Tensor:
+    """The covariance seen in the space DualGPM may still fill: P C (public code) or, for the plain spectrum,
+    P C P, whose eigenvalues sum to the energy there (P projects on the free space)."""
+    proj = memory @ memory.T
+    if not plain:
+        return proj @ cov if retain else cov - proj @ cov
+    if not retain:
+        proj = torch.eye(cov.shape[0], dtype=cov.dtype) - proj
+    return proj @ cov @ proj
 
 
 def update_memory(cov: torch.Tensor, memory: Optional[torch.Tensor], retain: bool,
-                  threshold: float) -> tuple[torch.Tensor, bool]:
+                  threshold: float, plain: bool = False) -> tuple[torch.Tensor, bool]:
     """DualGPM: grow the stored basis of the input space (or shrink the stored free complement) until it keeps
-    ``threshold`` of the task's input energy; a basis over half of d is stored as its complement."""
+    ``threshold`` of the task's input energy, counted as squared singular values (public code) or, ``plain``,
+    as the covariance's eigenvalues; a basis over half of d is stored as its complement."""
     d = cov.shape[0]
+    energy = (lambda s: s) if plain else (lambda s: s ** 2)
     if memory is None:
         u, s, _ = torch.linalg.svd(cov, full_matrices=False)
-        ratio = s ** 2 / (s ** 2).sum()
+        ratio = energy(s) / energy(s).sum()
         r = int((torch.cumsum(ratio, 0) < threshold).sum())
         memory, retain = u[:, :max(r, 1)], False
     else:
-        total = (torch.linalg.svd(cov, full_matrices=False)[1] ** 2).sum()
-        proj = memory @ memory.T
-        hat = proj @ cov if retain else cov - proj @ cov
-        u, s, _ = torch.linalg.svd(hat, full_matrices=False)
-        ratio = s ** 2 / total
-        kept = (s ** 2).sum() / total if retain else (total - (s ** 2).sum()) / total
+        total = energy(torch.linalg.svd(cov, full_matrices=False)[1]).sum()
+        u, s, _ = torch.linalg.svd(_outside(cov, memory, retain, plain), full_matrices=False)
+        ratio = energy(s) / total
+        kept = energy(s).sum() / total if retain else (total - energy(s).sum()) / total
         r = 0
         for q in ratio.tolist():
             if (kept >= 1 - threshold) if retain else (kept < threshold):
@@ -123,15 +142,19 @@ class InfLoRA(Learner):
 
     @torch.no_grad()
     def input_covariance(self, loader) -> list[torch.Tensor]:
-        """Per adapted layer, the mean of x x^T over every token of the loader's images (float64, CPU)."""
+        """Per adapted layer, the mean of x x^T over every token of the loader's images (float64, CPU); minus
+        the mean's outer product with ``inflora_centre``."""
         sums = [torch.zeros(layer.dim, layer.dim, dtype=torch.float64, device=self.device)
                 for layer in self.net.backbone.layers]
+        firsts = [torch.zeros(layer.dim, dtype=torch.float64, device=self.device)
+                  for layer in self.net.backbone.layers]
         count = [0]
 
         def hook(i):
             def fn(_module, args):
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
                 sums[i].add_((x.T @ x).double())
+                firsts[i].add_(x.sum(0).double())
                 if i == 0:
                     count[0] += x.shape[0]
             return fn
@@ -144,21 +167,30 @@ class InfLoRA(Learner):
         finally:
             for h in handles:
                 h.remove()
-        total = dist.all_sum(torch.tensor(float(count[0]), dtype=torch.float64, device=self.device))
-        return [(dist.all_sum(s) / total.clamp(min=1)).cpu() for s in sums]  # over every torchrun process
+        total = dist.all_sum(torch.tensor(float(count[0]), dtype=torch.float64, device=self.device)).clamp(min=1)
+        covs = []
+        for s, f in zip(sums, firsts):  # over every torchrun process
+            cov = dist.all_sum(s) / total
+            if self.cfg.inflora_centre:
+                mean = dist.all_sum(f) / total
+                cov = cov - torch.outer(mean, mean)
+            covs.append(cov.cpu())
+        return covs
 
     def train_task(self, task: int, loader) -> None:
         cov = self.input_covariance(loader)
         with torch.no_grad():
             for i, layer in enumerate(self.net.backbone.layers):
-                A = projected_basis(cov[i], self.memory[i], self.retain[i], layer.lora_A[str(task)].shape[1])
+                A = projected_basis(cov[i], self.memory[i], self.retain[i], layer.lora_A[str(task)].shape[1],
+                                    self.cfg.inflora_a_scale)
                 layer.lora_A[str(task)].copy_(A.to(layer.lora_A[str(task)].dtype)[None].expand_as(
                     layer.lora_A[str(task)]))
         super().train_task(task, loader)
         cov = self.input_covariance(loader)
         threshold = (self.cfg.lame - self.cfg.lamb) * task / self.n_tasks + self.cfg.lamb
         for i, c in enumerate(cov):
-            self.memory[i], self.retain[i] = update_memory(c, self.memory[i], self.retain[i], threshold)
+            self.memory[i], self.retain[i] = update_memory(c, self.memory[i], self.retain[i], threshold,
+                                                           plain=self.cfg.inflora_energy == "plain")
         kept = [m.shape[1] if not r else m.shape[0] - m.shape[1] for m, r in zip(self.memory, self.retain)]
         log.info(f"InfLoRA memory after task {task} (threshold {threshold:.4f}): input subspace dims per block "
                  f"{kept} of {self.memory[0].shape[0]}")
