@@ -157,3 +157,47 @@ def test_inflora_keys_are_checked(tiny):
     with pytest.raises(ConfigError, match="'lame' = 1.5 must be in"):
         build_config(dict(tiny, **INFLORA, lame=1.5))
     assert build_config(dict(tiny, **INFLORA)).to_dict()["lamb"] == 0.95
+    with pytest.raises(ConfigError, match="inflora_energy"):
+        build_config(dict(tiny, **INFLORA, inflora_energy="cubed"))
+    with pytest.raises(ConfigError, match="'inflora_a_scale' = 0 must be > 0"):
+        build_config(dict(tiny, **INFLORA, inflora_a_scale=0))
+
+
+def test_plain_spectrum_counts_eigenvalues_against_a_brute_force_share():
+    """inflora_energy 'plain': the fewest directions whose eigenvalues hold the threshold's share of the trace,
+    after task 0 and on top of a stored basis, where the squared spectrum keeps fewer."""
+    d = 16
+    q = _dirs(d)
+    energies = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25] + [0.0] * (d - 6), dtype=torch.float64)
+    cov = q @ torch.diag(energies) @ q.T
+    share = torch.cumsum(energies, 0) / energies.sum()
+    m, retain = update_memory(cov, None, False, 0.9, plain=True)
+    assert m.shape[1] == int((share < 0.9).sum()) == 3 and not retain  # the public rule's count, on eigenvalues
+    assert update_memory(cov, None, False, 0.9)[0].shape[1] == 1  # squared: 64 / 85.3 = 0.75, 80 / 85.3 = 0.94
+    # task 1's inputs: 4 of their 7.5 in the stored space, the rest on new directions 6, 7, 8 (2, 1, 0.5)
+    e1 = torch.zeros(d, dtype=torch.float64)
+    e1[0], e1[6], e1[7], e1[8] = 4.0, 2.0, 1.0, 0.5
+    cov1 = q @ torch.diag(e1) @ q.T
+    m1, _ = update_memory(cov1, m, False, 0.85, plain=True)
+    # brute force: stored 4 / 7.5 = 0.533; + direction 6 -> 0.8; + 7 -> 0.933 >= 0.85, stop
+    assert m1.shape[1] == 3 + 2 and torch.equal(m1[:, :3], m)
+    assert (q[:, [6, 7]].T @ m1[:, 3:]).norm(dim=1).min() > 1 - 1e-8 and (q[:, 8] @ m1).abs().max() < 1e-8
+
+
+def test_a_scale_and_the_centred_covariance(tiny, tmp_path):
+    cov = _cov(_dirs(12)[:, :4], 0)
+    assert torch.allclose(projected_basis(cov, None, False, 3, scale=0.12).norm(dim=1),
+                          torch.full((3,), 0.12, dtype=torch.float64), atol=1e-12)
+    learner, dm = _learner(tiny, tmp_path, max_tasks=1)
+    centred, _ = _learner(tiny, tmp_path, max_tasks=1, inflora_centre=True)
+    centred.net.load_state_dict(learner.net.state_dict())
+    loader = learner.train_loader(dm, 0)
+    seen = []  # brute force: every token entering block 0's qkv
+    h = learner.net.backbone.layers[0].register_forward_pre_hook(
+        lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    data = [(x, y) for x, y in loader]
+    plain = learner.input_covariance(data)
+    h.remove()
+    x = torch.cat(seen)
+    assert torch.allclose(plain[0], x.T @ x / len(x), atol=1e-6)
+    assert torch.allclose(centred.input_covariance(data)[0], torch.cov(x.T, correction=0), atol=1e-6)
