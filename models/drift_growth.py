@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from models.base import log
-from models.reuse import latest_adapter_before, skip_adapter
-from models.task_state import restore, snapshot
+from models.reuse import latest_adapter_before, skip_adapter, undo_reuse
+from models.task_state import snapshot
 from utils import dist
 from utils.data.data_manager import TaskDataset
 from utils.io import save_torch
@@ -66,18 +66,6 @@ class DriftGrowth:
         net.train(was)
         return torch.cat(outs), loss / max(n, 1)
 
-    @torch.no_grad()
-    def undo_trial(self, task: int, adapter: int, state: dict[str, torch.Tensor]) -> None:
-        """Back to the task's start: adapter ``adapter`` frozen again with its factors as they were (the
-        ``snapshot`` taken before it was reopened), task ``task``'s own adapter current and active, head and
-        alphas as the task began."""
-        lr = self.learner
-        restore(lr, adapter, state)
-        lr.net.backbone.served_by.pop(task, None)
-        lr.gate.revive(task)
-        lr.gate.current = task
-        lr.net.backbone.configure()
-
     def train_task(self, task: int, loader: DataLoader) -> Optional[dict]:
         """Trial, decision, then the chosen structure; returns the decision record (None on task 0)."""
         lr, c = self.learner, self.learner.cfg
@@ -105,7 +93,7 @@ class DriftGrowth:
         lr.fit(task, loader, lr.param_groups(), epochs, desc=f"Task {task} (reusing adapter {latest})",
                on_epoch=judge)
         if record["grow"]:
-            self.undo_trial(task, latest, state)
+            undo_reuse(lr, task, latest, state)
             lr.fit(task, loader, lr.param_groups(), epochs, desc=f"Task {task} (new adapter)")
         record["trained_adapter"] = lr.net.backbone.owner(task)
         log.info(f"[Drift growth] Task {task}: reusing adapter {latest} for {c.trial_epochs} epoch(s) moved the "

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import numpy as np
 import torch
 
 from backbone.gate import GumbelGate
@@ -34,6 +33,7 @@ from models.gumbel_keys import GumbelKeys, check_gumbel
 from models.reuse import latest_adapter_before, skip_adapter
 from models.task_state import restore, snapshot
 from utils import dist
+from utils.data.data_manager import split_per_class
 from utils.gumbel_utils import gumbel_sparsemax, phase_temperature, sparsity_loss, temperature
 from utils.io import load_tensors, save_torch
 
@@ -202,15 +202,9 @@ class GumbelSDLoRA(Learner):
         """Loaders over the task's images minus a seeded ``selection_holdout`` share of each class, and
         over that share (at least one image of each class)."""
         ds = loader.dataset
-        rng = np.random.RandomState(task_seed(self.seed, task) % 2**32)
-        learn, judge = [], []
-        for c in np.unique(ds.labels):
-            idx = rng.permutation(np.nonzero(ds.labels == c)[0])
-            k = max(1, round(self.cfg.selection_holdout * len(idx)))
-            judge += idx[:k].tolist()
-            learn += idx[k:].tolist()
-        return (self.loader(ds.subset(sorted(learn)), train=True, task=task),
-                self.loader(ds.subset(sorted(judge)), train=True, task=task))
+        learn, judge = split_per_class(ds.labels, self.cfg.selection_holdout, task_seed(self.seed, task))
+        return (self.loader(ds.subset(learn), train=True, task=task),
+                self.loader(ds.subset(judge), train=True, task=task))
 
     @torch.no_grad()
     def _probe_need(self, task: int, loader, batches: int = 2) -> None:

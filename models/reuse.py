@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from backbone.vit import LoRAViT
+from models.task_state import restore
 
 
 def latest_adapter_before(backbone: LoRAViT, task: int) -> Optional[int]:
@@ -24,3 +27,16 @@ def skip_adapter(backbone: LoRAViT, task: int, reuse: bool) -> None:
         backbone.reopen(latest)
     else:
         backbone.configure()
+
+
+@torch.no_grad()
+def undo_reuse(learner, task: int, adapter: int, state: dict[str, torch.Tensor]) -> None:
+    """Back to the task's start after a reuse trial: adapter ``adapter`` frozen again with its factors as they
+    were (the ``snapshot`` taken before it was reopened), task ``task``'s own adapter current and active,
+    head and alphas as the task began."""
+    restore(learner, adapter, state)
+    backbone = learner.net.backbone
+    backbone.served_by.pop(task, None)
+    backbone.gate.revive(task)
+    backbone.gate.current = task
+    backbone.configure()

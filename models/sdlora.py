@@ -13,26 +13,34 @@ from backbone.lora import adapter_norm, direction_inner
 from models import register, sublora
 from models.base import Learner, log, task_seed
 from models.drift_growth import DriftGrowth
+from models.need_growth import NeedGrowth
 from models.reuse import skip_adapter
 from utils.config import DEFAULTS
 from utils.io import save_torch
 
 
 def _check(cfg, raw: dict) -> list[str]:
-    """Growth keys (a fixed schedule, reuse, growth on drift) that cannot run together, and SubLoRA's."""
-    errs, drift = [], cfg.drift_threshold is not None
-    if cfg.skip_mode != "none" and cfg.growth_schedule is None and not drift:
+    """Growth keys (a fixed schedule, reuse, growth on drift or need) that cannot run together, and SubLoRA's."""
+    drift, need = cfg.drift_threshold is not None, cfg.need_threshold is not None
+    errs = []
+    if cfg.skip_mode != "none" and cfg.growth_schedule is None and not (drift or need):
         errs.append("config key 'skip_mode' applies to the tasks a 'growth_schedule' leaves without an adapter; "
-                    "set growth_schedule (or drift_threshold) or remove skip_mode")
-    if drift and (cfg.skip_mode != "reuse" or cfg.growth_schedule is not None):
-        errs.append("config key 'drift_threshold' decides growth by a reuse trial: it needs \"skip_mode\": \"reuse\" "
-                    "and no 'growth_schedule'")
-    if drift and cfg.trial_epochs >= cfg.epochs:
+                    "set growth_schedule (or drift_threshold, need_threshold) or remove skip_mode")
+    for key, on in (("drift_threshold", drift), ("need_threshold", need)):
+        if on and (cfg.skip_mode != "reuse" or cfg.growth_schedule is not None):
+            errs.append(f"config key '{key}' decides growth by a reuse trial: it needs \"skip_mode\": \"reuse\" "
+                        "and no 'growth_schedule'")
+    if drift and need:
+        errs.append("config keys 'drift_threshold' and 'need_threshold' are two growth rules; set one of them")
+    if (drift or need) and cfg.trial_epochs >= cfg.epochs:
         errs.append(f"config key 'trial_epochs' = {cfg.trial_epochs} must be below 'epochs' = {cfg.epochs}: the "
                     "trial is the first part of a task")
-    for key in ("trial_epochs", "probe_images"):
-        if not drift and raw.get(key, getattr(DEFAULTS, key)) != getattr(DEFAULTS, key):
-            errs.append(f"config key '{key}' only applies with 'drift_threshold' set; remove it or set drift_threshold")
+    rules = {"trial_epochs": ("drift_threshold", "need_threshold"), "probe_images": ("drift_threshold",),
+             "need_holdout": ("need_threshold",)}
+    for key, names in rules.items():
+        if all(getattr(cfg, n) is None for n in names) and raw.get(key, getattr(DEFAULTS, key)) != getattr(DEFAULTS, key):
+            errs.append(f"config key '{key}' only applies with " + " or ".join(f"'{n}'" for n in names)
+                        + f" set; remove it or set {names[-1]}")
     return errs + sublora.check_keys(cfg, raw)
 
 
@@ -41,7 +49,8 @@ class SDLoRA(Learner):
     """The base learner already is SD-LoRA: gate g = 1, alpha per task, one training phase. With
     ``growth_schedule``, only the tasks listed get an adapter (a fixed-growth baseline); the others
     train the magnitudes and head, or, with ``skip_mode: "reuse"``, the latest adapter as well. With
-    ``drift_threshold``, a task gets an adapter only when reusing the latest one drifts too far."""
+    ``drift_threshold``, a task gets an adapter only when reusing the latest one drifts too far; with
+    ``need_threshold``, only when a new one fits its held-out images better than reuse does."""
 
     default_alpha = 0.8
 
@@ -66,13 +75,18 @@ class SDLoRA(Learner):
             skip_adapter(self.net.backbone, task, reuse=self.cfg.skip_mode == "reuse")
 
     def train_task(self, task: int, loader) -> None:
-        """One fit of the task's epochs; with ``drift_threshold``, growth on drift (models/drift_growth.py)."""
-        if self.cfg.drift_threshold is None:
+        """One fit of the task's epochs; growth on drift (``drift_threshold``, models/drift_growth.py) or on need
+        (``need_threshold``, models/need_growth.py) in its place."""
+        if self.cfg.drift_threshold is not None:
+            rule, signal = DriftGrowth(self), "drift"
+        elif self.cfg.need_threshold is not None:
+            rule, signal = NeedGrowth(self), "gain"
+        else:
             return super().train_task(task, loader)
-        record = DriftGrowth(self).train_task(task, loader)
+        record = rule.train_task(task, loader)
         if record is not None:
             self.metrics.setdefault("growth", []).append(
-                {k: record[k] for k in ("task", "reopened", "drift", "grow", "trained_adapter")})
+                {k: record[k] for k in ("task", "reopened", signal, "grow", "trained_adapter")})
 
 
 @register("sdlora_rr", check=_check)

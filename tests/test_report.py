@@ -41,7 +41,8 @@ def test_report_on_every_kind_of_run_and_a_mix(runs, tmp_path):
     text = report(list(runs.values()), tmp_path / "out")
     for key, rd in runs.items():
         plots = rd / "plots"
-        want = {"accuracy_matrix.png", "accuracy_curve.png"} | ({"adapters.png"} if key != "probe" else set())
+        want = {"accuracy_matrix.png", "accuracy_curve.png"} | ({"adapters.png"} if key != "probe" else set()) | (
+            {"growth_signal.png"} if key in ("gumbel", "drift") else set())  # a rule's need signal per task
         assert {p.name for p in plots.iterdir()} == want
         for p in plots.iterdir():
             assert p.read_bytes()[:8] == PNG and p.stat().st_size > 5000

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from main import main, make_data_manager
-from models.drift_growth import DriftGrowth, relative_drift
-from models.reuse import skip_adapter
+from models.drift_growth import relative_drift
+from models.reuse import skip_adapter, undo_reuse
 from models.sdlora import SDLoRA
 from models.task_state import snapshot
 from utils.config import ConfigError, build_config
@@ -107,13 +107,12 @@ def test_an_undone_trial_gives_back_the_task_start_network_bit_for_bit(tiny, tmp
     x = torch.randn(4, 3, 32, 32)
     learner.net.train()
     before = learner.net(x).detach()
-    growth = DriftGrowth(learner)
     state = snapshot(learner, 0)
     skip_adapter(learner.net.backbone, 1, reuse=True)
     learner.fit(1, learner.loader(dm.train_set(1, learner.train_tf), train=True, task=1),
                 learner.param_groups(), 1, "trial")
     assert not torch.equal(learner.net(x).detach(), before)  # the trial moved adapter 0, alphas, head
-    growth.undo_trial(1, 0, state)
+    undo_reuse(learner, 1, 0, state)
     assert learner.gate.current == 1 and learner.gate.active_tasks() == [0, 1] and 1 not in learner.net.backbone.served_by
     assert torch.equal(learner.net(x).detach(), before)
     trainable = {n for n, p in learner.net.named_parameters() if p.requires_grad and ".lora_" in n}

@@ -69,6 +69,9 @@ def check_fork(parent: Path, parent_cfg: Config, child: Config, k: int) -> None:
     if early(child.shift_tasks) != early(parent_cfg.shift_tasks):
         errors.append(f"config key 'shift_tasks' = {child.shift_tasks} differs from the parent's "
                       f"{parent_cfg.shift_tasks} below task {k}")
+    elif early(child.shift_tasks) and child.shift_kind != getattr(parent_cfg, "shift_kind", "grey_invert"):
+        errors.append(f"config key 'shift_kind' = {json.dumps(child.shift_kind)} differs from the parent's: its "
+                      f"shifted tasks {early(child.shift_tasks)} below task {k} were shown another way")
     if child.growth_schedule is not None:
         grew = own_adapters(parent, k)
         if early(child.growth_schedule) != grew:

@@ -3,7 +3,7 @@
 Reads only what a run wrote (config.json, metrics.json, beta records), never the model, so it works on
 runs of any method, finished or stopped after some tasks. Per run, PNGs in RUN_DIR/plots/: the
 accuracy matrix, the A_t curve and, for adapter methods, the adapters in force after every task (with
-the gate's beta for Gumbel runs). With several runs, a comparison figure, a per-run table and a
+the gate's beta for Gumbel runs) and, for growth rules, their need signal per task. With several runs, a comparison figure, a per-run table and a
 mean +- std table over seeds, written next to the comparison figure and printed.
 """
 from __future__ import annotations
@@ -199,6 +199,49 @@ def plot_adapters(run: Run, out: Path) -> Optional[Path]:
     return _save(fig, out / "adapters.png")
 
 
+def growth_signal(run: Run) -> Optional[tuple[str, dict[int, float], dict[int, bool]]]:
+    """What a growth rule measured per task and whether it grew: the held-out gain (need), the drift, or
+    the Gumbel warm-up probe (loss without the new adapter minus with it); None for runs without a rule."""
+    growth = run.metrics.get("growth") or []
+    for key, name in (("gain", "held-out gain of a new adapter over reuse (nats)"),
+                      ("drift", "drift of the earlier classes' logits under reuse")):
+        if growth and key in growth[0]:
+            return name, {g["task"]: g[key] for g in growth}, {g["task"]: bool(g["grow"]) for g in growth}
+    probes = {t: r["loss_without"] - r["loss_with"] for t, r in enumerate(run.gate) if "loss_with" in r}
+    if probes:
+        grew = {t: int(r.get("trained_adapter", t)) == t and float(r["pruning_mask"][t]) > 0
+                for t, r in enumerate(run.gate) if t in probes}
+        return "warm-up probe: loss without the new adapter - with it (nats)", probes, grew
+    return None
+
+
+def plot_growth_signal(run: Run, out: Path) -> Optional[Path]:
+    """The rule's need signal per task, the tasks where it grew filled, the shifted tasks shaded."""
+    found = growth_signal(run)
+    if found is None:
+        return None
+    name, signal, grew = found
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for t in run.config.get("shift_tasks") or []:
+        ax.axvspan(t - 0.4, t + 0.4, color="tab:orange", alpha=0.2, lw=0)
+    tasks = sorted(signal)
+    ax.plot(tasks, [signal[t] for t in tasks], "-", color="grey", lw=1)
+    for t in tasks:
+        ax.plot(t, signal[t], "o", ms=8, color="tab:red" if grew.get(t) else "white", mec="tab:red")
+    thr = (run.metrics.get("growth") or [{}])[0]
+    key = "need_threshold" if "gain" in thr else "drift_threshold" if "drift" in thr else None
+    if key and run.config.get(key) is not None:
+        ax.axhline(run.config[key], ls="--", color="tab:blue", lw=1, label=f"{key} {run.config[key]}")
+        ax.legend(loc="best", fontsize=9)
+    ax.set_xticks(range(run.n_tasks))
+    ax.set_xlabel("task (shaded: shift_tasks; filled: grew an adapter)")
+    ax.set_ylabel("need signal")
+    ax.set_title(name, fontsize=10)
+    ax.grid(alpha=0.3)
+    _suptitle(fig, run.name)
+    return _save(fig, out / "growth_signal.png")
+
+
 def plot_comparison(runs: list[Run], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for r in runs:
@@ -264,14 +307,16 @@ def run_row(run: Run) -> dict:
 def _is_reference(run: Run) -> bool:
     """Plain SD-LoRA (an adapter per task, no growth rule): what a rule's compute is measured against."""
     c = run.config
-    return c.get("model_name") == "sdlora" and c.get("growth_schedule") is None and c.get("drift_threshold") is None
+    return (c.get("model_name") == "sdlora" and c.get("growth_schedule") is None
+            and c.get("drift_threshold") is None and c.get("need_threshold") is None)
 
 
 def _data_key(run: Run) -> str:
     """Runs on the same stream (data, seed and shift): rows whose compute compares."""
     c = run.config
-    return json.dumps([c.get(k) for k in ("dataset", "data_path", "seed", "shift_tasks", "train_per_class",
-                                          "img_size", "epochs", "batch_size", "max_tasks")])
+    keys = ("dataset", "data_path", "seed", "shift_tasks", "train_per_class", "img_size", "epochs", "batch_size",
+            "max_tasks")
+    return json.dumps([c.get(k) for k in keys] + [c.get("shift_kind", "grey_invert")])
 
 
 def runs_table(runs: list[Run]) -> str:
@@ -342,7 +387,8 @@ def report(paths: list, out: Optional[Path] = None) -> str:
     text = []
     for r in runs:
         plots = r.path / "plots"
-        made = [plot_accuracy_matrix(r, plots), plot_curve(r, plots), plot_adapters(r, plots)]
+        made = [plot_accuracy_matrix(r, plots), plot_curve(r, plots), plot_adapters(r, plots),
+                plot_growth_signal(r, plots)]
         text.append(f"{r.path}: " + ", ".join(p.name for p in made if p is not None) + f" in {plots}")
     table = runs_table(runs)
     summary = seed_summary(runs)

@@ -40,6 +40,10 @@ def _fraction(v) -> Optional[str]:
     return None if 0 < v <= 1 else "must be in (0, 1]"
 
 
+def _open_unit(v) -> Optional[str]:
+    return None if 0 < v < 1 else "must be in (0, 1)"
+
+
 def _zero(v) -> Optional[str]:
     return None if not v else "rehearsal is not supported by these methods; set it to 0 (or false)"
 
@@ -135,8 +139,11 @@ class Config:
         "CUDA), \"loader\" (per image in the DataLoader, torchvision), \"auto\" (device when the dataset is "
         "in memory, else loader)")
     shift_tasks: list[int] = _key(
-        None, "tasks whose train and test images are shown greyscale and inverted (a stream where some tasks "
-        "need new features); [] for none", default_factory=list, check=_task_list)
+        None, "tasks whose train and test images are shown changed, as shift_kind says (a stream where some "
+        "tasks need new features); [] for none", default_factory=list, check=_task_list)
+    shift_kind: Literal["grey_invert", "rot180"] = _key(
+        "grey_invert", "what the shift_tasks show: \"grey_invert\" (greyscale, inverted: the colour statistics "
+        "change) or \"rot180\" (upside down: every pixel value kept, only the layout changes)")
     memory_size: int = _key(0, "rehearsal memory (not supported: must be 0)", check=_zero)
     memory_per_class: int = _key(0, "rehearsal memory (not supported: must be 0)", check=_zero)
     fixed_memory: bool = _key(False, "rehearsal memory (not supported: must be false)", check=_zero)
@@ -158,7 +165,13 @@ class Config:
         None, "growth on drift: a task first reuses the latest adapter for trial_epochs and gets its own only if "
         "that moved the earlier classes' logits on its images by more than this (relative); null: off",
         ("sdlora", "sdlora_rr"), check=_positive)
-    trial_epochs: int = _key(1, "growth on drift: epochs of the reuse trial before the decision",
+    need_threshold: Optional[float] = _key(
+        None, "growth on need: a task trains a reuse trial and a new-adapter trial (trial_epochs each, on all but "
+        "need_holdout of its images) and keeps the new adapter only if its held-out loss is lower by more than "
+        "this (nats; may be negative); null: off", ("sdlora", "sdlora_rr"))
+    need_holdout: float = _key(0.2, "growth on need: share of each class's training images held out of the "
+                               "trials to judge them", ("sdlora", "sdlora_rr"), check=_open_unit)
+    trial_epochs: int = _key(1, "growth on drift or need: epochs of each trial before the decision",
                              ("sdlora", "sdlora_rr"), check=_positive)
     probe_images: int = _key(256, "growth on drift: the task's first this many training images (test transform) "
                              "on which the drift is measured", ("sdlora", "sdlora_rr"), check=_positive)

@@ -56,13 +56,28 @@ def load_image(path: str) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-def shift_appearance(img: torch.Tensor) -> torch.Tensor:
-    """The ``shift_tasks`` appearance change of a uint8 (3, H, W) image: greyscale (ITU-R 601 luma,
-    rounded), then inverted (255 - v), in all three channels. Fixed and strong: the pretrained
-    features of a shifted image differ from those of the plain one, while its class stays recognisable."""
+def grey_invert(img: torch.Tensor) -> torch.Tensor:
+    """Greyscale (ITU-R 601 luma, rounded), then inverted (255 - v), in all three channels: the colour
+    statistics change."""
     w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32, device=img.device).view(3, 1, 1)
     luma = (img.float() * w).sum(0).round().clamp(0, 255).to(torch.uint8)
     return (255 - luma).expand(3, *luma.shape).clone()
+
+
+def rot180(img: torch.Tensor) -> torch.Tensor:
+    """Upside down (a half turn): every pixel value and colour kept, so pixel statistics cannot tell it; only
+    the layout changes. Any image size."""
+    return torch.flip(img, dims=(1, 2))
+
+
+#: ``shift_kind``: the appearance changes a ``shift_tasks`` stream can show, by name.
+SHIFTS = {"grey_invert": grey_invert, "rot180": rot180}
+
+
+def shift_appearance(img: torch.Tensor, kind: str = "grey_invert") -> torch.Tensor:
+    """The ``shift_tasks`` appearance change of a uint8 (3, H, W) image. Fixed and strong: the pretrained
+    features of a shifted image differ from those of the plain one, while its class stays recognisable."""
+    return SHIFTS[kind](img)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -79,10 +94,11 @@ class TaskDataset(Dataset):
     """
 
     def __init__(self, images, labels: np.ndarray, transform: Callable, augment_seed: Optional[int] = None,
-                 shifted: Optional[np.ndarray] = None):
+                 shifted: Optional[np.ndarray] = None, shift_kind: str = "grey_invert"):
         self.images, self.labels, self.transform = images, labels, transform
         self.augment_seed = augment_seed
         self.shifted = shifted  # bool per item: shift_appearance before the transform (``shift_tasks``)
+        self.shift_kind = shift_kind
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -95,7 +111,7 @@ class TaskDataset(Dataset):
         if its task is in ``shift_tasks``."""
         x = self.images[i]
         img = load_image(x) if isinstance(x, str) else torch.from_numpy(x).permute(2, 0, 1)
-        return shift_appearance(img) if self.is_shifted(i) else img
+        return shift_appearance(img, self.shift_kind) if self.is_shifted(i) else img
 
     def __getitem__(self, key: int):
         epoch, i = divmod(int(key), len(self.labels))
@@ -112,9 +128,21 @@ class TaskDataset(Dataset):
         idx = np.asarray(idx, dtype=np.int64)
         images = self.images[idx] if isinstance(self.images, np.ndarray) else [self.images[i] for i in idx]
         shifted = None if self.shifted is None else self.shifted[idx]
-        sub = TaskDataset(images, self.labels[idx], self.transform, self.augment_seed, shifted)
+        sub = TaskDataset(images, self.labels[idx], self.transform, self.augment_seed, shifted, self.shift_kind)
         sub.indices = idx.tolist()
         return sub
+
+
+def split_per_class(labels: np.ndarray, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices kept for training and held out: a seeded ``share`` of each class's items (at least one)."""
+    rng = np.random.RandomState(seed % 2**32)
+    learn, judge = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.nonzero(labels == c)[0])
+        k = max(1, round(share * len(idx)))
+        judge += idx[:k].tolist()
+        learn += idx[k:].tolist()
+    return sorted(learn), sorted(judge)
 
 
 class EpochSampler(DistributedSampler):
@@ -133,7 +161,7 @@ class DataManager:
 
     def __init__(self, data: SplitData, init_cls: int, increment: int, shuffle: bool, seed: int,
                  train_per_class: Optional[int] = None, test_per_class: Optional[int] = None,
-                 max_tasks: Optional[int] = None, shift_tasks: Sequence[int] = ()):
+                 max_tasks: Optional[int] = None, shift_tasks: Sequence[int] = (), shift_kind: str = "grey_invert"):
         self.order = class_order(data.n_classes, shuffle, seed)
         sizes = task_sizes(data.n_classes, init_cls, increment)
         self.sizes = sizes[:max_tasks] if max_tasks else sizes
@@ -142,6 +170,7 @@ class DataManager:
             raise DataError(f"config key 'shift_tasks' names task(s) {bad}, but the stream has {len(sizes)} tasks "
                             f"(0..{len(sizes) - 1}); remove them or change init_cls / increment")
         self.shift_tasks = sorted(set(shift_tasks))
+        self.shift_kind = shift_kind
         self.class_names = [data.class_names[c] for c in self.order]
         remap = np.empty(data.n_classes, np.int64)
         remap[self.order] = np.arange(data.n_classes)
@@ -154,7 +183,7 @@ class DataManager:
     def for_config(cls, cfg, data: SplitData, seed: int) -> "DataManager":
         """The task splits a run's config asks for (utils/config keys)."""
         return cls(data, cfg.init_cls, cfg.increment, cfg.shuffle, seed, cfg.train_per_class, cfg.test_per_class,
-                   cfg.max_tasks, cfg.shift_tasks)
+                   cfg.max_tasks, cfg.shift_tasks, cfg.shift_kind)
 
     @staticmethod
     def _take(images, idx: np.ndarray):
@@ -178,7 +207,7 @@ class DataManager:
         shifted = None
         if self.shift_tasks:
             shifted = np.isin(self.task_of_label(labels[idx]), self.shift_tasks)
-        return TaskDataset(self._take(images, idx), labels[idx], transform, shifted=shifted)
+        return TaskDataset(self._take(images, idx), labels[idx], transform, shifted=shifted, shift_kind=self.shift_kind)
 
     def train_set(self, t: int, transform: Callable) -> TaskDataset:
         """Task t's training images only."""

@@ -114,7 +114,8 @@ class DeviceLoader:
         for images, labels, keys in self.keys:
             if self.gpu_decode:
                 images = decode_jpeg(images, mode=ImageReadMode.RGB, device=self.device)
-                images = [shift_appearance(im) if self.dataset.is_shifted(k % len(self.dataset)) else im
+                ds = self.dataset
+                images = [shift_appearance(im, ds.shift_kind) if ds.is_shifted(k % len(ds)) else im
                           for im, k in zip(images, keys.tolist())]
             else:
                 images = [im.to(self.device, non_blocking=True) for im in images]
