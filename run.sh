@@ -9,6 +9,10 @@
 #   bash run.sh inflora_causes [...]        InfLoRA rows that change one thing each (input normalisation, the plain
 #                                           spectrum, a centred covariance, A's scale, the rate) on PROTOCOL (default
 #                                           quick_unnormalised), SEEDS
+#   bash run.sh need [--key value ...]      growth on need: SD-LoRA, the Gumbel rule, need_threshold at NEEDS, the evenly
+#                                           spaced schedules with 2-5 adapters (reuse), and on shifted streams the
+#                                           oracle schedule, on PROTOCOL (default quick_unnormalised), SEEDS; STREAMS
+#                                           "plain shifted", KINDS "grey_invert rot180", PLACEMENTS "3,4,8 2,5,7 1,6,9"
 #   bash run.sh baselines [--key value ...] SD-LoRA, seq_lora and lora_task_id on the first 5 tasks of that protocol
 #   bash run.sh subspace [--key value ...]  the SubLoRA grid on the first 5 tasks of that protocol: intrinsic_dim
 #                                           DIMS (default 1000 2000 5000) x allocation uniform (and with SD-LoRA's
@@ -285,6 +289,45 @@ if [ "${1:-}" = "inflora_causes" ]; then  # the rows that separate the causes of
     row inflora_ascale0.12 "${B[@]}" --inflora_a_scale 0.12   # A about the size of a LoRA init (4.4-5.9x smaller)
     row inflora_lr1e-3 "${B[@]}" --lrate 0.001
     row inflora_lr5e-3 "${B[@]}" --lrate 0.005
+  done
+  wait_below 1; wait
+  summarize
+  exit 0
+fi
+
+if [ "${1:-}" = "need" ]; then  # growth on need (docs/growth.md): the rules against SD-LoRA and the schedules
+  # on exps/protocols/$PROTOCOL.json (default quick_unnormalised), SEEDS; streams: unshifted CIFAR (STREAMS has
+  # "plain") and, per shift kind of KINDS, the placements of PLACEMENTS; the need rule at each of NEEDS (nats)
+  shift
+  PROTO=${PROTOCOL:-quick_unnormalised}
+  STREAMS=${STREAMS:-plain shifted}
+  KINDS=${KINDS:-grey_invert rot180}
+  PLACEMENTS=${PLACEMENTS:-3,4,8 2,5,7 1,6,9}
+  NEEDS=${NEEDS:-0}
+  Q=(--protocol "exps/protocols/$PROTO.json" --data_path "$SHARED/data/cifar100/cifar100.npz"
+     --pretrained_path "$SHARED/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors")
+  even() { local i out=""; for ((i = 0; i < $1; i++)); do out+="${out:+,}$((i * 10 / $1))"; done; echo "[$out]"; }  # n of 10 tasks
+  rows() {  # rows TAG SHIFTED SHIFT_ARGS...: every row of one stream (SHIFTED: its shifted tasks, or "")
+    local tag=$1 shifted=$2; shift 2
+    local S=("$@") sd=(--config=exps/sdlora_c100.json) name
+    row() { name=$1; shift; run "${PROTO}_${tag}_${name}_$seed" "$@" "${S[@]}" "${Q[@]}" \
+              --prefix "${PROTO}_${tag}_$name" --seed "$seed" "${EXTRA[@]}"; }
+    row sdlora "${sd[@]}"
+    row gumbel --config=exps/gumbel_c100.json
+    for t in $NEEDS; do row "need$t" "${sd[@]}" --skip_mode reuse --need_threshold "$t"; done
+    for n in 2 3 4 5; do row "even$n" "${sd[@]}" --skip_mode reuse --growth_schedule "$(even $n)"; done
+    if [ -n "$shifted" ]; then row oracle "${sd[@]}" --skip_mode reuse --growth_schedule "[0,$shifted]"; fi  # grows at the shifts
+  }
+  EXTRA=("$@")
+  for seed in $SEEDS; do
+    if [[ " $STREAMS " == *" plain "* ]]; then rows plain ""; fi
+    if [[ " $STREAMS " == *" shifted "* ]]; then
+      for kind in $KINDS; do
+        for pl in $PLACEMENTS; do
+          rows "${kind}_${pl//,/}" "$pl" --shift_tasks "[$pl]" --shift_kind "$kind"
+        done
+      done
+    fi
   done
   wait_below 1; wait
   summarize
