@@ -13,13 +13,11 @@ back to the task's start, bit for bit) and the task trains its own new adapter f
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch.utils.data import DataLoader
 
 from models.base import log
-from models.reuse import latest_adapter_before, skip_adapter, undo_reuse
+from models.reuse import skip_adapter, undo_reuse
 from models.task_state import snapshot
 from utils import dist
 from utils.data.data_manager import TaskDataset
@@ -35,6 +33,8 @@ def relative_drift(before: torch.Tensor, after: torch.Tensor) -> float:
 
 class DriftGrowth:
     """The rule above for one learner (``models/sdlora.py``); ``train_task`` replaces its single fit."""
+
+    signal = "drift"  # the record's key that metrics.json's ``growth`` keeps
 
     def __init__(self, learner):
         self.learner = learner
@@ -66,14 +66,11 @@ class DriftGrowth:
         net.train(was)
         return torch.cat(outs), loss / max(n, 1)
 
-    def train_task(self, task: int, loader: DataLoader) -> Optional[dict]:
-        """Trial, decision, then the chosen structure; returns the decision record (None on task 0)."""
+    def train_task(self, task: int, loader: DataLoader, latest: int) -> dict:
+        """Trial, decision, then the chosen structure; ``latest`` is the adapter a
+        reuse reopens; returns the decision record."""
         lr, c = self.learner, self.learner.cfg
-        latest = latest_adapter_before(lr.net.backbone, task)
         epochs = lr.epochs(task)
-        if latest is None:
-            lr.fit(task, loader, lr.param_groups(), epochs, desc=f"Task {task}")
-            return None
         lo = lr.net.head.out_features - lr.n_new
         probe = self.probe_loader(loader)
         state = snapshot(lr, latest)

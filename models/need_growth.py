@@ -13,13 +13,11 @@ Every decision is written to ``growth_task_{t}.pt`` and metrics.json's ``growth`
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch.utils.data import DataLoader
 
 from models.base import log, task_seed
-from models.reuse import latest_adapter_before, skip_adapter, undo_reuse
+from models.reuse import skip_adapter, undo_reuse
 from models.task_state import restore, snapshot
 from utils import dist
 from utils.data.data_manager import split_per_class
@@ -28,6 +26,8 @@ from utils.io import save_torch
 
 class NeedGrowth:
     """The rule above for one learner (``models/sdlora.py``); ``train_task`` replaces its single fit."""
+
+    signal = "gain"  # the record's key that metrics.json's ``growth`` keeps
 
     def __init__(self, learner):
         self.learner = learner
@@ -57,14 +57,11 @@ class NeedGrowth:
         net.train(was)
         return float(dist.all_sum(loss) / max(float(dist.all_sum(torch.tensor(float(n)))), 1.0))
 
-    def train_task(self, task: int, loader: DataLoader) -> Optional[dict]:
-        """Both trials, the decision, then the winner; returns the decision record (None on task 0)."""
+    def train_task(self, task: int, loader: DataLoader, latest: int) -> dict:
+        """Both trials, the decision, then the winner; ``latest`` is the adapter a
+        reuse reopens; returns the decision record."""
         lr, c = self.learner, self.learner.cfg
-        latest = latest_adapter_before(lr.net.backbone, task)
         epochs = lr.epochs(task)
-        if latest is None:
-            lr.fit(task, loader, lr.param_groups(), epochs, desc=f"Task {task}")
-            return None
         lo = lr.net.head.out_features - lr.n_new
         learn, held = self.split(task, loader)
         start = snapshot(lr, latest)

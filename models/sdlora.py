@@ -14,7 +14,7 @@ from models import register, sublora
 from models.base import Learner, log, task_seed
 from models.drift_growth import DriftGrowth
 from models.need_growth import NeedGrowth
-from models.reuse import skip_adapter
+from models.reuse import latest_adapter_before, skip_adapter
 from utils.config import DEFAULTS
 from utils.io import save_torch
 
@@ -77,16 +77,14 @@ class SDLoRA(Learner):
     def train_task(self, task: int, loader) -> None:
         """One fit of the task's epochs; growth on drift (``drift_threshold``, models/drift_growth.py) or on need
         (``need_threshold``, models/need_growth.py) in its place."""
-        if self.cfg.drift_threshold is not None:
-            rule, signal = DriftGrowth(self), "drift"
-        elif self.cfg.need_threshold is not None:
-            rule, signal = NeedGrowth(self), "gain"
-        else:
+        rule = DriftGrowth(self) if self.cfg.drift_threshold is not None else \
+            NeedGrowth(self) if self.cfg.need_threshold is not None else None
+        latest = latest_adapter_before(self.net.backbone, task)
+        if rule is None or latest is None:  # no rule, or nothing to reuse yet (task 0)
             return super().train_task(task, loader)
-        record = rule.train_task(task, loader)
-        if record is not None:
-            self.metrics.setdefault("growth", []).append(
-                {k: record[k] for k in ("task", "reopened", signal, "grow", "trained_adapter")})
+        record = rule.train_task(task, loader, latest)
+        self.metrics.setdefault("growth", []).append(
+            {k: record[k] for k in ("task", "reopened", rule.signal, "grow", "trained_adapter")})
 
 
 @register("sdlora_rr", check=_check)

@@ -38,3 +38,19 @@ def run_config(cfg: dict, tmp_path: Path, name: str = "cfg.json", *extra) -> Pat
 def tiny(tmp_path):
     """A dict of config keys for a few-second run, writing into a temporary log_dir."""
     return dict(TINY, log_dir=str(tmp_path / "logs"))
+
+
+def resumed_and_uninterrupted(cfg: dict, tmp_path: Path, cut: int = 2, tasks: int = 3) -> tuple[dict, dict]:
+    """metrics.json of a run stopped after ``cut`` tasks and resumed to ``tasks``, and of the same run
+    uninterrupted (each in a log_dir of its own under tmp_path)."""
+    import json
+
+    from main import main
+    for name, max_tasks in (("full", None), ("cut", cut)):
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps(dict(cfg, log_dir=str(tmp_path / name), max_tasks=max_tasks)))
+        assert main([f"--config={p}"]) == 0
+    (part,) = (tmp_path / "cut").iterdir()
+    assert main(["--resume", str(part), "--max_tasks", str(tasks)]) == 0
+    (full,) = (tmp_path / "full").iterdir()
+    return tuple(json.loads((d / "metrics.json").read_text()) for d in (part, full))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from main import main, make_data_manager
+from tests.conftest import resumed_and_uninterrupted
 from models.need_growth import NeedGrowth
 from models.sdlora import SDLoRA
 from utils.config import ConfigError, build_config
@@ -102,14 +103,7 @@ def test_reuse_goes_on_from_the_reuse_trial_not_from_the_task_start(tiny, tmp_pa
 
 def test_need_run_resumes_to_the_uninterrupted_numbers(tiny, tmp_path):
     cfg = dict(tiny, need_threshold=0.0, **NEED)
-    for name, tasks in (("full", None), ("cut", 2)):
-        p = tmp_path / f"{name}.json"
-        p.write_text(json.dumps(dict(cfg, log_dir=str(tmp_path / name), max_tasks=tasks)))
-        assert main([f"--config={p}"]) == 0
-    (cut,) = (tmp_path / "cut").iterdir()
-    assert main(["--resume", str(cut), "--max_tasks", "3"]) == 0
-    (full,) = (tmp_path / "full").iterdir()
-    got, want = (json.loads((d / "metrics.json").read_text()) for d in (cut, full))
+    got, want = resumed_and_uninterrupted(cfg, tmp_path)
     for key in ("accuracy_matrix", "A", "active_adapters", "growth", "train_steps"):
         assert got[key] == want[key], key
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from main import main, make_data_manager
+from tests.conftest import resumed_and_uninterrupted
 from models.drift_growth import relative_drift
 from models.reuse import skip_adapter, undo_reuse
 from models.sdlora import SDLoRA
@@ -149,13 +150,6 @@ def test_drift_decision_tracks_the_threshold(tiny, tmp_path):
 
 def test_drift_run_resumes_to_the_uninterrupted_numbers(tiny, tmp_path):
     cfg = dict(tiny, drift_threshold=0.05, **DRIFT)
-    for name, tasks in (("full", None), ("cut", 2)):
-        p = tmp_path / f"{name}.json"
-        p.write_text(json.dumps(dict(cfg, log_dir=str(tmp_path / name), max_tasks=tasks)))
-        assert main([f"--config={p}"]) == 0
-    (cut,) = (tmp_path / "cut").iterdir()
-    assert main(["--resume", str(cut), "--max_tasks", "3"]) == 0
-    (full,) = (tmp_path / "full").iterdir()
-    got, want = (json.loads((d / "metrics.json").read_text()) for d in (cut, full))
+    got, want = resumed_and_uninterrupted(cfg, tmp_path)
     for key in ("accuracy_matrix", "A", "active_adapters", "adapter_params", "growth", "train_steps"):
         assert got[key] == want[key], key
