@@ -289,6 +289,8 @@ if [ "${1:-}" = "inflora_causes" ]; then  # the rows that separate the causes of
     row inflora_ascale0.12 "${B[@]}" --inflora_a_scale 0.12   # A about the size of a LoRA init (4.4-5.9x smaller)
     row inflora_lr1e-3 "${B[@]}" --lrate 0.001
     row inflora_lr5e-3 "${B[@]}" --lrate 0.005
+    row inflora_lr5e-4 "${B[@]}" --lrate 0.0005   # the published rate, constant: A's step without the head's
+    row inflora_ascale0.06 "${B[@]}" --inflora_a_scale 0.06
     # what helps, together: normalised input and A's scale, and with the plain spectrum as well
     row inflora_norm_ascale0.12 "${B[@]}" --normalize true --inflora_a_scale 0.12
     row inflora_norm_ascale0.12_plain "${B[@]}" --normalize true --inflora_a_scale 0.12 --inflora_energy plain
