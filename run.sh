@@ -265,6 +265,10 @@ if [ "${1:-}" = "inflora" ]; then  # InfLoRA beside SD-LoRA on the offline proto
     run "inflora_lr2e-3_$seed" --config=exps/inflora_c100.json "${P[@]}" --shuffle true --lrate 0.002 \
         --scheduler constant --prefix inflora_lr2e-3 --seed $seed "$@"
     run "linear_probe_$seed" --config=exps/linear_probe_c100.json "${P[@]}" --prefix linear_probe --seed $seed "$@"
+    # the setting a careful user would pick on this backbone (docs/inflora.md): A at 0.12 x U, Adam 2e-3 constant
+    # (the protocol sets normalize: false here, as for every row of the table)
+    run "inflora_tuned_$seed" --config=exps/inflora_tuned_c100.json "${P[@]}" --shuffle true --prefix inflora_tuned \
+        --seed $seed "$@"
   done
   wait_below 1; wait
   summarize
