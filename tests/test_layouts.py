@@ -192,12 +192,11 @@ def test_benchmark_config_runs_one_task(name, trees, tmp_path):
     data = load_dataset(cfg)
     assert data.n_classes == raw["expected_classes"]
     tiny = {k: TINY[k] for k in ("device", "num_workers", "progress", "backbone_type", "pretrained",
-                                 "backbone_kwargs", "img_size", "lora_rank", "batch_size")}
-    tiny["epochs"] = 2
-    if name.startswith(("simplecil_", "ranpac_")):  # no adapter trained: these configs refuse LoRA keys
-        del tiny["lora_rank"], tiny["epochs"]
-    if name.startswith("ranpac_"):
+                                 "backbone_kwargs", "img_size", "batch_size")}
+    if raw["model_name"] == "ranpac":  # SimpleCIL and RanPAC train no adapter and refuse the LoRA keys
         tiny["ranpac_dim"] = 64
+    elif raw["model_name"] != "simplecil":
+        tiny.update(lora_rank=TINY["lora_rank"], epochs=2)
     extra = [f"--{k}={json.dumps(v)}" for k, v in tiny.items()]
     assert main([f"--config={ROOT / 'exps' / name}", f"--data_path={trees[raw['dataset']]}", "--max_tasks=1",
                  "--train_per_class=1", "--test_per_class=1", f"--log_dir={tmp_path}", *extra]) == 0
