@@ -9,7 +9,8 @@
 #   bash run.sh inflora_causes [...]        InfLoRA rows that change one thing each (input normalisation, the plain
 #                                           spectrum, a centred covariance, A's scale, the rate) on PROTOCOL (default
 #                                           quick_unnormalised), SEEDS
-#   bash run.sh need [--key value ...]      growth on need: SD-LoRA, the Gumbel rule, need_threshold at NEEDS, the evenly
+#   bash run.sh need [--key value ...]      growth on need: SD-LoRA, the Gumbel rule, need_threshold at NEEDS (gain)
+#                                           and FITS (need_signal fit), the evenly
 #                                           spaced schedules with 2-5 adapters (reuse), and on shifted streams the
 #                                           oracle schedule, on PROTOCOL (default quick_unnormalised), SEEDS; STREAMS
 #                                           "plain shifted", KINDS "grey_invert rot180", PLACEMENTS "3,4,8 2,5,7 1,6,9"
@@ -313,6 +314,7 @@ if [ "${1:-}" = "need" ]; then  # growth on need (docs/growth.md): the rules aga
   KINDS=${KINDS:-grey_invert rot180}
   PLACEMENTS=${PLACEMENTS:-3,4,8 2,5,7 1,6,9}
   NEEDS=${NEEDS:-0}
+  FITS=${FITS:-0.8}  # need_signal "fit": the reuse trial's held-out loss over ln(classes), 0.8 from plain CIFAR
   Q=(--protocol "exps/protocols/$PROTO.json" --data_path "$SHARED/data/cifar100/cifar100.npz"
      --pretrained_path "$SHARED/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors")
   even() { local i out=""; for ((i = 0; i < $1; i++)); do out+="${out:+,}$((i * 10 / $1))"; done; echo "[$out]"; }  # n of 10 tasks
@@ -324,6 +326,7 @@ if [ "${1:-}" = "need" ]; then  # growth on need (docs/growth.md): the rules aga
     row sdlora "${sd[@]}"
     row gumbel --config=exps/gumbel_c100.json
     for t in $NEEDS; do row "need$t" "${sd[@]}" --skip_mode reuse --need_threshold "$t"; done
+    for t in $FITS; do row "fit$t" "${sd[@]}" --skip_mode reuse --need_threshold "$t" --need_signal fit; done
     for n in 2 3 4 5; do row "even$n" "${sd[@]}" --skip_mode reuse --growth_schedule "$(even $n)"; done
     if [ -n "$shifted" ]; then row oracle "${sd[@]}" --skip_mode reuse --growth_schedule "[0,$shifted]"; fi  # grows at the shifts
   }

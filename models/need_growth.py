@@ -9,9 +9,16 @@ measure on images neither trial trained on, with the same cost for every task (i
 number of tasks an adapter serves). gain > threshold: the new adapter goes on; else the reuse trial's state
 comes back and reuse goes on. Either way the winner trains ``epochs - trial_epochs`` more on every image, so a
 task costs SD-LoRA's epochs plus ``2 * trial_epochs * (1 - need_holdout)`` epochs of trials minus one.
+
+``need_signal: "fit"`` runs the reuse trial alone and asks how well reuse fits the task: fit = loss_reuse /
+ln(classes of the task), 1 being a uniform guess. fit > threshold: the trial is undone and the new adapter
+trains all ``epochs`` on every image; else reuse goes on for ``epochs - trial_epochs`` (docs/growth.md: on the
+quick protocol the one-epoch gain was as large on plain tasks as on shifted ones; the fit was not).
 Every decision is written to ``growth_task_{t}.pt`` and metrics.json's ``growth``.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.utils.data import DataLoader
@@ -27,10 +34,9 @@ from utils.io import save_torch
 class NeedGrowth:
     """The rule above for one learner (``models/sdlora.py``); ``train_task`` replaces its single fit."""
 
-    signal = "gain"  # the record's key that metrics.json's ``growth`` keeps
-
     def __init__(self, learner):
         self.learner = learner
+        self.signal = learner.cfg.need_signal  # the record's key that metrics.json's ``growth`` keeps
 
     def split(self, task: int, loader: DataLoader) -> tuple[DataLoader, DataLoader]:
         """The trials' training loader (augmented) and the held-out one (test transform, no augmentation)."""
@@ -58,8 +64,8 @@ class NeedGrowth:
         return float(dist.all_sum(loss) / max(float(dist.all_sum(torch.tensor(float(n)))), 1.0))
 
     def train_task(self, task: int, loader: DataLoader, latest: int) -> dict:
-        """Both trials, the decision, then the winner; ``latest`` is the adapter a
-        reuse reopens; returns the decision record."""
+        """The reuse trial, the new-adapter trial (``need_signal: "gain"``), the decision, then the winner;
+        ``latest`` is the adapter a reuse reopens; returns the decision record."""
         lr, c = self.learner, self.learner.cfg
         epochs = lr.epochs(task)
         lo = lr.net.head.out_features - lr.n_new
@@ -68,23 +74,32 @@ class NeedGrowth:
         skip_adapter(lr.net.backbone, task, reuse=True)
         lr.fit(task, learn, lr.param_groups(), c.trial_epochs, desc=f"Task {task} trial: reusing adapter {latest}")
         loss_reuse = self.held_out_loss(held, lo)
-        reused = snapshot(lr, latest)
-        undo_reuse(lr, task, latest, start)
-        lr.fit(task, learn, lr.param_groups(), c.trial_epochs, desc=f"Task {task} trial: a new adapter")
-        loss_new = self.held_out_loss(held, lo)
-        gain = loss_reuse - loss_new
-        grow = bool(dist.broadcast(gain > c.need_threshold))  # rank 0 decides
-        if not grow:
-            skip_adapter(lr.net.backbone, task, reuse=True)
-            restore(lr, latest, reused)  # the reuse trial's adapter, alphas and head, as it ended
         record = {"task": task, "reopened": latest, "threshold": c.need_threshold, "trial_epochs": c.trial_epochs,
-                  "loss_reuse": loss_reuse, "loss_new": loss_new, "gain": gain, "grow": grow,
-                  "trained_adapter": lr.net.backbone.owner(task)}
-        log.info(f"[Need growth] Task {task}: held-out loss reusing adapter {latest} {loss_reuse:.4f}, with a new "
-                 f"adapter {loss_new:.4f}, gain {gain:+.4f} (threshold {c.need_threshold}): "
-                 + ("new adapter" if grow else f"adapter {latest} goes on serving"))
-        if epochs > c.trial_epochs:
-            lr.fit(task, loader, lr.param_groups(), epochs - c.trial_epochs,
+                  "signal": c.need_signal, "loss_reuse": loss_reuse}
+        if c.need_signal == "fit":
+            record["fit"] = loss_reuse / math.log(max(lr.n_new, 2))  # 1 = a uniform guess over the task's classes
+            grow = bool(dist.broadcast(record["fit"] > c.need_threshold))  # rank 0 decides
+            if grow:
+                undo_reuse(lr, task, latest, start)  # the trial is gone: the new adapter trains every epoch
+            rest = epochs if grow else epochs - c.trial_epochs
+            said = f"fit {record['fit']:.4f} of chance"
+        else:
+            reused = snapshot(lr, latest)
+            undo_reuse(lr, task, latest, start)
+            lr.fit(task, learn, lr.param_groups(), c.trial_epochs, desc=f"Task {task} trial: a new adapter")
+            record["loss_new"] = self.held_out_loss(held, lo)
+            record["gain"] = loss_reuse - record["loss_new"]
+            grow = bool(dist.broadcast(record["gain"] > c.need_threshold))  # rank 0 decides
+            if not grow:
+                skip_adapter(lr.net.backbone, task, reuse=True)
+                restore(lr, latest, reused)  # the reuse trial's adapter, alphas and head, as it ended
+            rest = epochs - c.trial_epochs
+            said = f"with a new adapter {record['loss_new']:.4f}, gain {record['gain']:+.4f}"
+        record.update(grow=grow, trained_adapter=lr.net.backbone.owner(task))
+        log.info(f"[Need growth] Task {task}: held-out loss reusing adapter {latest} {loss_reuse:.4f}, {said} "
+                 f"(threshold {c.need_threshold}): " + ("new adapter" if grow else f"adapter {latest} goes on serving"))
+        if rest > 0:
+            lr.fit(task, loader, lr.param_groups(), rest,
                    desc=f"Task {task} ({'new adapter' if grow else f'reusing adapter {latest}'})")
         save_torch(lr.run_dir / f"growth_task_{task}.pt", record)
         return record

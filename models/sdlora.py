@@ -36,7 +36,7 @@ def _check(cfg, raw: dict) -> list[str]:
         errs.append(f"config key 'trial_epochs' = {cfg.trial_epochs} must be below 'epochs' = {cfg.epochs}: the "
                     "trial is the first part of a task")
     rules = {"trial_epochs": ("drift_threshold", "need_threshold"), "probe_images": ("drift_threshold",),
-             "need_holdout": ("need_threshold",)}
+             "need_holdout": ("need_threshold",), "need_signal": ("need_threshold",)}
     for key, names in rules.items():
         if all(getattr(cfg, n) is None for n in names) and raw.get(key, getattr(DEFAULTS, key)) != getattr(DEFAULTS, key):
             errs.append(f"config key '{key}' only applies with " + " or ".join(f"'{n}'" for n in names)

@@ -27,6 +27,8 @@ def learner_for(tiny, tmp_path, **over):
     (dict(NEED, need_threshold=0.0, drift_threshold=0.1), "two growth rules"),
     (dict(NEED, need_threshold=0.0, trial_epochs=3), "must be below 'epochs'"),
     (dict(model_name="sdlora", need_holdout=0.3), "only applies with 'need_threshold'"),
+    (dict(NEED, need_signal="fit"), "'need_signal' only applies with 'need_threshold'"),
+    (dict(NEED, need_threshold=0.8, need_signal="loss"), "need_signal"),
     (dict(NEED, need_threshold=0.0, need_holdout=1.0), "'need_holdout' = 1.0 must be in"),
     (dict(model_name="gumbel_sdlora", need_threshold=0.0), "not used by model_name 'gumbel_sdlora'"),
 ])
@@ -101,8 +103,46 @@ def test_reuse_goes_on_from_the_reuse_trial_not_from_the_task_start(tiny, tmp_pa
     assert torch.allclose(seen[3], seen[1], atol=1e-6)
 
 
-def test_need_run_resumes_to_the_uninterrupted_numbers(tiny, tmp_path):
-    cfg = dict(tiny, need_threshold=0.0, **NEED)
+@pytest.mark.parametrize("threshold, grows", [(1e9, False), (-1e9, True)])
+def test_fit_signal_runs_one_trial_and_a_growing_task_trains_every_epoch(threshold, grows, tiny, tmp_path):
+    learner, dm = learner_for(tiny, tmp_path, need_threshold=threshold, need_signal="fit", **NEED)
+    learner.run(dm)
+    m = learner.metrics
+    full, trial = 2, 2  # as above: the reuse trial on 26 images, the rest on all 32
+    assert m["active_adapters"] == ([1, 2, 3] if grows else [1, 1, 1])
+    assert [g["grow"] for g in m["growth"]] == [grows, grows] and all("gain" not in g for g in m["growth"])
+    assert m["train_steps"] == [3 * full] + [trial + (3 if grows else 2) * full] * 2
+    rec = torch.load(tmp_path / "growth_task_2.pt", weights_only=True)
+    assert rec["fit"] == pytest.approx(rec["loss_reuse"] / np.log(2)) and "loss_new" not in rec  # 2 classes a task
+    assert rec["trained_adapter"] == (2 if grows else 0)
+
+
+def test_fit_decision_tracks_the_threshold_and_a_grown_task_starts_from_the_task_start(tiny, tmp_path, monkeypatch):
+    learner, dm = learner_for(tiny, tmp_path / "a", max_tasks=2, need_threshold=1e9, need_signal="fit", **NEED)
+    learner.run(dm)
+    f = learner.metrics["growth"][0]["fit"]
+    x = torch.randn(4, 3, 32, 32)
+    for th, grow in ((f + 1e-6, False), (f - 1e-6, True)):
+        other, dm2 = learner_for(tiny, tmp_path / str(th), max_tasks=2, need_threshold=th, need_signal="fit", **NEED)
+        seen, fit = [], other.fit
+
+        def spy(task, *a, **k):
+            if task == 1:
+                other.net.train()
+                with torch.no_grad():
+                    seen.append(other.net(x))
+            fit(task, *a, **k)
+        monkeypatch.setattr(other, "fit", spy)
+        other.run(dm2)
+        assert other.metrics["growth"][0]["grow"] is grow and other.metrics["growth"][0]["fit"] == f
+        assert len(seen) == 2  # the reuse trial, then the rest of the task
+        # growing: the trial is undone, the new adapter starts where the task started; reusing: from the trial's end
+        assert torch.allclose(seen[1], seen[0], atol=1e-6) is grow
+
+
+@pytest.mark.parametrize("signal", ["gain", "fit"])
+def test_need_run_resumes_to_the_uninterrupted_numbers(signal, tiny, tmp_path):
+    cfg = dict(tiny, need_threshold=0.0 if signal == "gain" else 0.9, need_signal=signal, **NEED)
     got, want = resumed_and_uninterrupted(cfg, tmp_path)
     for key in ("accuracy_matrix", "A", "active_adapters", "growth", "train_steps"):
         assert got[key] == want[key], key

@@ -204,6 +204,7 @@ def growth_signal(run: Run) -> Optional[tuple[str, dict[int, float], dict[int, b
     the Gumbel warm-up probe (loss without the new adapter minus with it); None for runs without a rule."""
     growth = run.metrics.get("growth") or []
     for key, name in (("gain", "held-out gain of a new adapter over reuse (nats)"),
+                      ("fit", "held-out loss of reuse over ln(classes) (1 = chance)"),
                       ("drift", "drift of the earlier classes' logits under reuse")):
         if growth and key in growth[0]:
             return name, {g["task"]: g[key] for g in growth}, {g["task"]: bool(g["grow"]) for g in growth}
@@ -229,7 +230,7 @@ def plot_growth_signal(run: Run, out: Path) -> Optional[Path]:
     for t in tasks:
         ax.plot(t, signal[t], "o", ms=8, color="tab:red" if grew.get(t) else "white", mec="tab:red")
     thr = (run.metrics.get("growth") or [{}])[0]
-    key = "need_threshold" if "gain" in thr else "drift_threshold" if "drift" in thr else None
+    key = "need_threshold" if ("gain" in thr or "fit" in thr) else "drift_threshold" if "drift" in thr else None
     if key and run.config.get(key) is not None:
         ax.axhline(run.config[key], ls="--", color="tab:blue", lw=1, label=f"{key} {run.config[key]}")
         ax.legend(loc="best", fontsize=9)

@@ -169,6 +169,11 @@ class Config:
         None, "growth on need: a task trains a reuse trial and a new-adapter trial (trial_epochs each, on all but "
         "need_holdout of its images) and keeps the new adapter only if its held-out loss is lower by more than "
         "this (nats; may be negative); null: off", ("sdlora", "sdlora_rr"))
+    need_signal: Literal["gain", "fit"] = _key(
+        "gain", "growth on need: what need_threshold is compared with: \"gain\" (nats by which a new-adapter trial's "
+        "held-out loss is below a reuse trial's; two trials) or \"fit\" (the reuse trial's held-out loss over "
+        "ln(the task's classes), 1 = chance; one trial, and a task that grows trains its new adapter every epoch)",
+        ("sdlora", "sdlora_rr"))
     need_holdout: float = _key(0.2, "growth on need: share of each class's training images held out of the "
                                "trials to judge them", ("sdlora", "sdlora_rr"), check=_open_unit)
     trial_epochs: int = _key(1, "growth on drift or need: epochs of each trial before the decision",
