@@ -13,7 +13,7 @@
 #                                           and FITS (need_signal fit), the evenly
 #                                           spaced schedules with 2-5 adapters (reuse), and on shifted streams the
 #                                           oracle schedule, on PROTOCOL (default quick_unnormalised), SEEDS; STREAMS
-#                                           "plain shifted", KINDS "grey_invert rot180", PLACEMENTS "3,4,8 2,5,7 1,6,9"
+#                                           "plain shifted", KINDS "grey_invert patch_shuffle", PLACEMENTS "3,4,8 2,5,7 1,6,9"
 #   bash run.sh baselines [--key value ...] SD-LoRA, seq_lora and lora_task_id on the first 5 tasks of that protocol
 #   bash run.sh subspace [--key value ...]  the SubLoRA grid on the first 5 tasks of that protocol: intrinsic_dim
 #                                           DIMS (default 1000 2000 5000) x allocation uniform (and with SD-LoRA's
@@ -71,16 +71,35 @@ wait_below() {  # wait until fewer than $1 background runs are going, with a pro
   done
 }
 run() {  # run NAME ARGS...: one main.py run, its console output in $LOG_DIR/NAME.out
-  local name=$1; shift
+  # A row whose console log says it finished is not run again, and one that stopped part-way (killed, machine
+  # gone) is resumed from its last saved task (main.py --resume): rerunning a batch finishes it. RERUN=1 starts
+  # every row afresh.
+  local name=$1 out="$LOG_DIR/$1.out" d=""; shift
   [[ $name =~ $ONLY ]] || return 0
-  OUTS+=("$LOG_DIR/$name.out")
+  OUTS+=("$out")
   STARTED[$name]=$SECONDS
-  echo "=== $name: $PY main.py $*"
+  local args=("$@" --log_dir "$LOG_DIR") mode=">"
+  if [ "${RERUN:-0}" != 1 ] && [ -f "$out" ]; then
+    if grep -q -E "Done:|all [0-9]+ tasks are already done" "$out"; then
+      echo "=== $name: finished before ($out), not run again (RERUN=1 reruns it)"; return 0
+    fi
+    d=$(grep -m1 -o "Run folder: [^,]*" "$out" | sed 's/^Run folder: //') || true
+    if [ -n "$d" ] && [ -f "$d/config.json" ] && ! grep -q "^error:" "$out"; then
+      args=(--resume "$d"); mode=">>"
+    fi
+  fi
+  echo "=== $name: $PY main.py ${args[*]}"
   if [ "$JOBS" -gt 1 ]; then
-    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" main.py "$@" --log_dir "$LOG_DIR" > "$LOG_DIR/$name.out" 2>&1 &
+    if [ "$mode" = ">>" ]; then
+      OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" main.py "${args[@]}" >> "$out" 2>&1 &
+    else
+      OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" main.py "${args[@]}" > "$out" 2>&1 &
+    fi
     wait_below "$JOBS"
+  elif [ "$mode" = ">>" ]; then
+    "$PY" main.py "${args[@]}" 2>&1 | tee -a "$out"
   else
-    "$PY" main.py "$@" --log_dir "$LOG_DIR" 2>&1 | tee "$LOG_DIR/$name.out"
+    "$PY" main.py "${args[@]}" 2>&1 | tee "$out"
   fi
 }
 
@@ -97,17 +116,24 @@ summarize() {  # the report over the run folders named in the console logs (runs
   fi
 }
 
-after_task0() {  # after_task0 LOG: the run folder of console log LOG once its task 0 is saved (waits for it)
-  local d
+after_task() {  # after_task LOG K: the run folder of console log LOG once its tasks 0..K-1 are saved (waits for them)
+  local d n
   while :; do
     d=$(grep -m1 -o "Run folder: [^,]*" "$1" 2>/dev/null | sed 's/^Run folder: //') || true
-    if [ -n "$d" ] && grep -q '"A"' "$d/metrics.json" 2>/dev/null; then echo "$d"; return 0; fi
-    if grep -q "^error:" "$1" 2>/dev/null || [ "$(jobs -rp | wc -l)" -eq 0 ]; then
-      echo "run.sh: $1 has no finished task 0 to fork from" >&2; return 1
+    n=0
+    if [ -n "$d" ] && [ -f "$d/metrics.json" ]; then
+      n=$("$PY" -c 'import json, sys; print(len(json.load(open(sys.argv[1])).get("A", [])))' "$d/metrics.json")
+    fi
+    if [ "$n" -ge "$2" ]; then echo "$d"; return 0; fi
+    # the parent stopped short (an error, or it ended), or its console log has been silent for STALE_S (1800) s
+    if grep -q -E "^error:|Done:|already done" "$1" 2>/dev/null || [ ! -f "$1" ] ||
+       [ $(($(date +%s) - $(stat -c %Y "$1"))) -gt "${STALE_S:-1800}" ]; then
+      echo "run.sh: $1 has no finished task $(($2 - 1)) to fork from" >&2; return 1
     fi
     sleep 5
   done
 }
+after_task0() { after_task "$1" 1; }
 
 SEEDS=${SEEDS:-1993 1994}
 SHARED=${SHARED:-../shared}
@@ -307,28 +333,49 @@ fi
 
 if [ "${1:-}" = "need" ]; then  # growth on need (docs/growth.md): the rules against SD-LoRA and the schedules
   # on exps/protocols/$PROTOCOL.json (default quick_unnormalised), SEEDS; streams: unshifted CIFAR (STREAMS has
-  # "plain") and, per shift kind of KINDS, the placements of PLACEMENTS; the need rule at each of NEEDS (nats)
+  # "plain") and, per shift kind of KINDS, the placements of PLACEMENTS; the need rule at each of NEEDS (nats).
+  # FORK=1 (the default) trains each shared prefix once, bit for bit the runs from scratch (tests/test_fork.py):
+  # a plain-stream rule or schedule forks SD-LoRA's run at task 1 (their task 0 is SD-LoRA's), and each row of a
+  # shifted stream forks the same row of the plain stream at the stream's first shifted task (the tasks before it
+  # are the plain stream's); the oracle forks the plain [0,5] schedule there. FORK=0 runs every row from scratch.
   shift
   PROTO=${PROTOCOL:-quick_unnormalised}
   STREAMS=${STREAMS:-plain shifted}
-  KINDS=${KINDS:-grey_invert rot180}
+  KINDS=${KINDS:-grey_invert patch_shuffle}
   PLACEMENTS=${PLACEMENTS:-3,4,8 2,5,7 1,6,9}
   NEEDS=${NEEDS:-0}
   FITS=${FITS:-0.8}  # need_signal "fit": the reuse trial's held-out loss over ln(classes), 0.8 from plain CIFAR
+  EVENS=${EVENS:-2 3 4 5}  # the evenly spaced schedules, by adapter count
+  FORK=${FORK:-1}
   Q=(--protocol "exps/protocols/$PROTO.json" --data_path "$SHARED/data/cifar100/cifar100.npz"
      --pretrained_path "$SHARED/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors")
   even() { local i out=""; for ((i = 0; i < $1; i++)); do out+="${out:+,}$((i * 10 / $1))"; done; echo "[$out]"; }  # n of 10 tasks
   rows() {  # rows TAG SHIFTED SHIFT_ARGS...: every row of one stream (SHIFTED: its shifted tasks, or "")
     local tag=$1 shifted=$2; shift 2
-    local S=("$@") sd=(--config=exps/sdlora_c100.json) name
-    row() { name=$1; shift; run "${PROTO}_${tag}_${name}_$seed" "$@" "${S[@]}" "${Q[@]}" \
-              --prefix "${PROTO}_${tag}_$name" --seed "$seed" "${EXTRA[@]}"; }
-    row sdlora "${sd[@]}"
-    row gumbel --config=exps/gumbel_c100.json
-    for t in $NEEDS; do row "need$t" "${sd[@]}" --skip_mode reuse --need_threshold "$t"; done
-    for t in $FITS; do row "fit$t" "${sd[@]}" --skip_mode reuse --need_threshold "$t" --need_signal fit; done
-    for n in 2 3 4 5; do row "even$n" "${sd[@]}" --skip_mode reuse --growth_schedule "$(even $n)"; done
-    if [ -n "$shifted" ]; then row oracle "${sd[@]}" --skip_mode reuse --growth_schedule "[0,$shifted]"; fi  # grows at the shifts
+    local S=("$@") sd=(--config=exps/sdlora_c100.json) name k=${shifted%%,*}
+    # row NAME PLAIN SHIFTED ARGS...: with FORK=1 a plain-stream row forks the plain row PLAIN at task 1, a shifted
+    # stream's row forks the plain row SHIFTED at the stream's first shifted task k; "-" runs it from scratch
+    row() {
+      name=$1; local parent=$2 at=1 from=(); shift 2
+      if [ -n "$shifted" ]; then parent=$1; at=$k; fi
+      shift
+      [[ "${PROTO}_${tag}_${name}_$seed" =~ $ONLY ]] || return 0
+      if [ "$FORK" = 1 ] && [ "$parent" != - ]; then
+        from=(--fork_from "$(after_task "$LOG_DIR/${PROTO}_plain_${parent}_$seed.out" "$at")" --fork_task "$at") || return 0  # after_task said why
+      fi
+      run "${PROTO}_${tag}_${name}_$seed" "${from[@]}" "$@" "${S[@]}" "${Q[@]}" \
+          --prefix "${PROTO}_${tag}_$name" --seed "$seed" "${EXTRA[@]}"
+    }
+    row sdlora - sdlora "${sd[@]}"
+    row gumbel - gumbel --config=exps/gumbel_c100.json
+    for t in $NEEDS; do row "need$t" sdlora "need$t" "${sd[@]}" --skip_mode reuse --need_threshold "$t"; done
+    for t in $FITS; do
+      row "fit$t" sdlora "fit$t" "${sd[@]}" --skip_mode reuse --need_threshold "$t" --need_signal fit
+    done
+    for n in $EVENS; do row "even$n" sdlora "even$n" "${sd[@]}" --skip_mode reuse --growth_schedule "$(even $n)"; done
+    if [ -n "$shifted" ]; then  # the oracle grows at task 0 and exactly at the shifts; before them it is [0,5]
+      row oracle - "$([ "$k" -le 5 ] && echo even2 || echo -)" "${sd[@]}" --skip_mode reuse --growth_schedule "[0,$shifted]"
+    fi
   }
   EXTRA=("$@")
   for seed in $SEEDS; do

@@ -109,3 +109,33 @@ def test_a_growth_rule_forked_after_sdlora_task_0_equals_its_run_from_scratch(ru
     for t in range(3):
         x, y = load_file(str(alone / f"task_{t}.safetensors")), load_file(str(child / f"task_{t}.safetensors"))
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+FIT = {"need_threshold": 0.8, "need_signal": "fit", "skip_mode": "reuse", "epochs": 3, "trial_epochs": 1}
+
+
+@pytest.mark.parametrize("rule", [{}, FIT, {"growth_schedule": [0, 2], "skip_mode": "reuse"}, GUMBEL])
+def test_a_shifted_stream_forked_from_the_plain_one_at_its_first_shift_equals_its_run_from_scratch(rule, tiny,
+                                                                                                   tmp_path):
+    """What run.sh need relies on: a stream whose first shifted task is k has the plain stream's tasks 0..k-1."""
+    cfg = dict(tiny, **{"epochs": 2, **rule})
+    shifted = {"shift_tasks": [2], "shift_kind": "rot180"}
+    alone = run(dict(cfg, **shifted), tmp_path, "shifted.json")
+    parent = run(cfg, tmp_path, "plain.json")
+    code, child = fork(parent, 2, "--shift_tasks", "[2]", "--shift_kind", '"rot180"')
+    assert code == 0
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (alone, child))
+    assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["active_adapters"] == b["active_adapters"]
+    assert a.get("growth") == b.get("growth")
+    x, y = load_file(str(alone / "task_2.safetensors")), load_file(str(child / "task_2.safetensors"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("rule", [FIT, dict(FIT, need_signal="gain", need_threshold=0.0)])
+def test_a_need_rule_forked_after_sdlora_task_0_equals_its_run_from_scratch(rule, tiny, tmp_path):
+    alone = run(dict(tiny, **rule), tmp_path, "rule.json")
+    parent = run(dict(tiny, epochs=rule["epochs"]), tmp_path, "sdlora.json")
+    code, child = fork(parent, 1, *[a for k, v in rule.items() for a in (f"--{k}", json.dumps(v))])
+    assert code == 0
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (alone, child))
+    assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["growth"] == b["growth"]

@@ -159,6 +159,21 @@ def test_rot180_keeps_every_pixel_value_and_only_moves_them():
     assert not torch.equal(grey.flatten(1).sort(1).values, img.flatten(1).sort(1).values)
 
 
+def test_patch_shuffle_moves_whole_tiles_by_the_fixed_order_and_keeps_every_value():
+    from utils.data.data_manager import TILE_ORDER
+    img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    out = shift_appearance(img, "patch_shuffle")
+    assert out.shape == img.shape and out.dtype == img.dtype
+    assert torch.equal(out.flatten(1).sort(1).values, img.flatten(1).sort(1).values)  # same values per channel
+    for pos, src in enumerate(TILE_ORDER):  # the tile at grid position pos is the source tile src (8 x 8 pixels)
+        (r, c), (sr, sc) = divmod(pos, 4), divmod(src, 4)
+        assert torch.equal(out[:, 8 * r:8 * r + 8, 8 * c:8 * c + 8], img[:, 8 * sr:8 * sr + 8, 8 * sc:8 * sc + 8])
+    assert sorted(TILE_ORDER) == list(range(16)) and all(src != pos for pos, src in enumerate(TILE_ORDER))
+    odd = shift_appearance(img[:, :30, :31], "patch_shuffle")  # 7 x 7 tiles, the last 2 rows and 3 columns stay
+    assert torch.equal(odd[:, 28:], img[:, 28:30, :31]) and torch.equal(odd[:, :, 28:], img[:, :30, 28:31])
+    assert torch.equal(odd[:, :7, :7], img[:, 14:21, 7:14])
+
+
 def test_shift_kind_reaches_the_listed_tasks_and_subsets(tiny):
     rng = np.random.RandomState(0)
     y = np.repeat(np.arange(4), 3)

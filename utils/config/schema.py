@@ -141,9 +141,10 @@ class Config:
     shift_tasks: list[int] = _key(
         None, "tasks whose train and test images are shown changed, as shift_kind says (a stream where some "
         "tasks need new features); [] for none", default_factory=list, check=_task_list)
-    shift_kind: Literal["grey_invert", "rot180"] = _key(
+    shift_kind: Literal["grey_invert", "rot180", "patch_shuffle"] = _key(
         "grey_invert", "what the shift_tasks show: \"grey_invert\" (greyscale, inverted: the colour statistics "
-        "change) or \"rot180\" (upside down: every pixel value kept, only the layout changes)")
+        "change), \"rot180\" (upside down: every pixel value kept, only the layout changes) or \"patch_shuffle\" "
+        "(a 4 x 4 grid of tiles in a fixed shuffled order: pixel values kept, the object's layout lost)")
     memory_size: int = _key(0, "rehearsal memory (not supported: must be 0)", check=_zero)
     memory_per_class: int = _key(0, "rehearsal memory (not supported: must be 0)", check=_zero)
     fixed_memory: bool = _key(False, "rehearsal memory (not supported: must be false)", check=_zero)

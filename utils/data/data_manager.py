@@ -70,8 +70,27 @@ def rot180(img: torch.Tensor) -> torch.Tensor:
     return torch.flip(img, dims=(1, 2))
 
 
+#: The fixed order of ``patch_shuffle``'s 4 x 4 tiles (a fixed permutation that leaves no tile in place).
+TILE_ORDER = (9, 4, 13, 0, 14, 3, 12, 5, 7, 11, 2, 15, 1, 10, 6, 8)
+
+
+def patch_shuffle(img: torch.Tensor) -> torch.Tensor:
+    """The image cut into a 4 x 4 grid of tiles put back in a fixed shuffled order (``TILE_ORDER``): every pixel
+    value kept, like rot180, but the layout of the object is lost, which the pretrained features do see. A side
+    that 4 does not divide keeps its last (side mod 4) rows or columns in place."""
+    c, h, w = img.shape
+    th, tw = h // 4, w // 4
+    if th == 0 or tw == 0:
+        return img.clone()
+    grid = img[:, :4 * th, :4 * tw].reshape(c, 4, th, 4, tw).permute(1, 3, 0, 2, 4).reshape(16, c, th, tw)
+    out = img.clone()
+    out[:, :4 * th, :4 * tw] = grid[list(TILE_ORDER)].reshape(4, 4, c, th, tw).permute(2, 0, 3, 1, 4).reshape(
+        c, 4 * th, 4 * tw)
+    return out
+
+
 #: ``shift_kind``: the appearance changes a ``shift_tasks`` stream can show, by name.
-SHIFTS = {"grey_invert": grey_invert, "rot180": rot180}
+SHIFTS = {"grey_invert": grey_invert, "rot180": rot180, "patch_shuffle": patch_shuffle}
 
 
 def shift_appearance(img: torch.Tensor, kind: str = "grey_invert") -> torch.Tensor:
