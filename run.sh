@@ -343,9 +343,9 @@ if [ "${1:-}" = "need" ]; then  # growth on need (docs/growth.md): the rules aga
   STREAMS=${STREAMS:-plain shifted}
   KINDS=${KINDS:-grey_invert patch_shuffle}
   PLACEMENTS=${PLACEMENTS:-3,4,8 2,5,7 1,6,9}
-  NEEDS=${NEEDS:-0}
-  FITS=${FITS:-0.8}  # need_signal "fit": the reuse trial's held-out loss over ln(classes), 0.8 from plain CIFAR
-  EVENS=${EVENS:-2 3 4 5}  # the evenly spaced schedules, by adapter count
+  NEEDS=${NEEDS-0}
+  FITS=${FITS-0.8}  # need_signal "fit": the reuse trial's held-out loss over ln(classes), 0.8 from plain CIFAR
+  EVENS=${EVENS-2 3 4 5}  # the evenly spaced schedules, by adapter count
   FORK=${FORK:-1}
   Q=(--protocol "exps/protocols/$PROTO.json" --data_path "$SHARED/data/cifar100/cifar100.npz"
      --pretrained_path "$SHARED/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors")
