@@ -206,6 +206,9 @@ def _continue(run_dir: Path, cfg: Config, device: torch.device) -> Path:
         learner.load_metrics(metrics)
     log.info(f"Resuming {run_dir} at task {done + 1}/{dm.n_tasks}")
     learner.run(dm, start=done + 1)
+    log.info(f"Done: {learner.headline()}; results in {run_dir}")  # as a new run ends (run.sh reads it)
+    if not cfg.pretrained:
+        log.info(RANDOM_INIT_NOTE)
     return run_dir
 
 

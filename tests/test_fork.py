@@ -67,6 +67,7 @@ def test_a_fork_continues_under_a_new_config(tiny, tmp_path):
     p = json.loads((parent / "metrics.json").read_text())
     assert m["accuracy_matrix"][0] == p["accuracy_matrix"][0]
     assert int(load_file(str(parent / "task_1.safetensors"))["adapter.owner"]) == 1  # the parent grew at 1
+    assert "Done: A_last" in (child / "train.log").read_text()  # a fork ends as a new run does (run.sh reads it)
 
 
 @pytest.mark.parametrize("args, needle", [
