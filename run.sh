@@ -10,7 +10,8 @@
 #                                           spectrum, a centred covariance, A's scale, the rate) on PROTOCOL (default
 #                                           quick_unnormalised), SEEDS
 #   bash run.sh need [--key value ...]      growth on need: SD-LoRA, the Gumbel rule, need_threshold at NEEDS (gain)
-#                                           and FITS (need_signal fit), the evenly
+#                                           and FITS (need_signal fit), novelty_threshold at NOVELTIES (alone and
+#                                           with max_share at each of SHARES), the evenly
 #                                           spaced schedules with 2-5 adapters (reuse), and on shifted streams the
 #                                           oracle schedule, on PROTOCOL (default quick_unnormalised), SEEDS; STREAMS
 #                                           "plain shifted", KINDS "grey_invert patch_shuffle", PLACEMENTS "3,4,8 2,5,7 1,6,9"
@@ -345,6 +346,8 @@ if [ "${1:-}" = "need" ]; then  # growth on need (docs/growth.md): the rules aga
   PLACEMENTS=${PLACEMENTS:-3,4,8 2,5,7 1,6,9}
   NEEDS=${NEEDS-0}
   FITS=${FITS-0.8}  # need_signal "fit": the reuse trial's held-out loss over ln(classes), 0.8 from plain CIFAR
+  NOVELTIES=${NOVELTIES-0.045}  # growth on novelty (novelty_threshold), and with max_share at each of SHARES
+  SHARES=${SHARES-5}
   EVENS=${EVENS-2 3 4 5}  # the evenly spaced schedules, by adapter count
   FORK=${FORK:-1}
   Q=(--protocol "exps/protocols/$PROTO.json" --data_path "$SHARED/data/cifar100/cifar100.npz"
@@ -371,6 +374,13 @@ if [ "${1:-}" = "need" ]; then  # growth on need (docs/growth.md): the rules aga
     for t in $NEEDS; do row "need$t" sdlora "need$t" "${sd[@]}" --skip_mode reuse --need_threshold "$t"; done
     for t in $FITS; do
       row "fit$t" sdlora "fit$t" "${sd[@]}" --skip_mode reuse --need_threshold "$t" --need_signal fit
+    done
+    for t in $NOVELTIES; do
+      row "novelty$t" sdlora "novelty$t" "${sd[@]}" --skip_mode reuse --novelty_threshold "$t"
+      for s in $SHARES; do
+        row "novelty${t}_share$s" sdlora "novelty${t}_share$s" "${sd[@]}" --skip_mode reuse --novelty_threshold "$t" \
+            --max_share "$s"
+      done
     done
     for n in $EVENS; do row "even$n" sdlora "even$n" "${sd[@]}" --skip_mode reuse --growth_schedule "$(even $n)"; done
     if [ -n "$shifted" ]; then  # the oracle grows at task 0 and exactly at the shifts; before them it is [0,5]

@@ -101,6 +101,7 @@ class LoRAQKV(nn.Module):
         # the current adapter's (A, B) when they are computed elsewhere (SubLoRA: theta_0 + P z), set with coeff
         self.current_override: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._merged: Optional[torch.Tensor] = None
+        self.bypass = False  # True: the frozen qkv alone, every adapter left out (LoRAViT.pretrained_only)
 
     # ---- adapter bookkeeping ------------------------------------------------------------------
     def add_adapter(self, task: int, rank: int) -> None:
@@ -271,6 +272,8 @@ class LoRAQKV(nn.Module):
         self._merged = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return self.base(x)
         if self._merged is not None:
             return F.linear(x, self._merged.to(x.dtype), self.base.bias)
         if self.n_active == 0:

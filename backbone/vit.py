@@ -1,8 +1,9 @@
 """Build a frozen timm ViT (hub, local file or random init) and put per-task adapters into it."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import timm
 import torch
@@ -219,6 +220,18 @@ class LoRAViT(nn.Module):
         if mode:
             self.unmerge()
         return self
+
+    @contextmanager
+    def pretrained_only(self) -> Iterator[None]:
+        """The ViT as loaded, every adapter left out of the forward pass while inside (features in a space that
+        does not move as adapters train: growth on novelty compares tasks there)."""
+        for layer in self.layers:
+            layer.bypass = True
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.bypass = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:

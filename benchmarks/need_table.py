@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 NAME = re.compile(r"^(?P<proto>[a-z]+(?:_unnormalised)?)_(?P<stream>plain|(?P<kind>[a-z_]+?)_(?P<pl>\d+))_"
-                  r"(?P<row>sdlora|gumbel|need[\d.e-]+|fit[\d.e-]+|even\d+|oracle|[a-z]+[\d.]*)_(?P<seed>\d+)$")
+                  r"(?P<row>[a-z]+[\d.e-]*(?:_share\d+)?)_(?P<seed>\d+)$")
 
 
 @dataclass
@@ -192,7 +192,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("log_dir", type=Path)
     ap.add_argument("--protocol", default="quick_unnormalised")
-    ap.add_argument("--rules", nargs="*", default=None, help="rows judged by the bar (default: gumbel, need*, fit*)")
+    ap.add_argument("--rules", nargs="*", default=None,
+                    help="rows judged by the bar (default: gumbel, need*, fit*, novelty*)")
     ap.add_argument("--out", type=Path, help="also write the tables to this markdown file")
     args = ap.parse_args(argv)
     rows = load_rows(args.log_dir, args.protocol)
@@ -200,7 +201,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"no finished 10-task run of protocol {args.protocol} under {args.log_dir}", file=sys.stderr)
         return 2
     rules = args.rules if args.rules is not None else sorted(
-        {r.row for r in rows if r.row == "gumbel" or r.row.startswith(("need", "fit"))})
+        {r.row for r in rows if r.row == "gumbel" or r.row.startswith(("need", "fit", "novelty"))})
     text = "## Every run\n\n" + runs_table(rows) + "\n\n## Per stream kind\n" + summary(rows, rules)
     print(text)
     if args.out:

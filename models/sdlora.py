@@ -14,29 +14,36 @@ from models import register, sublora
 from models.base import Learner, log, task_seed
 from models.drift_growth import DriftGrowth
 from models.need_growth import NeedGrowth
+from models.novelty_growth import NoveltyGrowth
 from models.reuse import latest_adapter_before, skip_adapter
 from utils.config import DEFAULTS
 from utils.io import save_torch
 
 
+#: The growth rules, by the key that turns each on: a task gets its own adapter or reuses the latest one.
+RULES = {"drift_threshold": DriftGrowth, "need_threshold": NeedGrowth, "novelty_threshold": NoveltyGrowth}
+
+
 def _check(cfg, raw: dict) -> list[str]:
     """Growth keys (a fixed schedule, reuse, growth on drift or need) that cannot run together, and SubLoRA's."""
     drift, need = cfg.drift_threshold is not None, cfg.need_threshold is not None
+    on = [key for key in RULES if getattr(cfg, key) is not None]
     errs = []
-    if cfg.skip_mode != "none" and cfg.growth_schedule is None and not (drift or need):
+    if cfg.skip_mode != "none" and cfg.growth_schedule is None and not on:
         errs.append("config key 'skip_mode' applies to the tasks a 'growth_schedule' leaves without an adapter; "
-                    "set growth_schedule (or drift_threshold, need_threshold) or remove skip_mode")
-    for key, on in (("drift_threshold", drift), ("need_threshold", need)):
-        if on and (cfg.skip_mode != "reuse" or cfg.growth_schedule is not None):
-            errs.append(f"config key '{key}' decides growth by a reuse trial: it needs \"skip_mode\": \"reuse\" "
-                        "and no 'growth_schedule'")
-    if drift and need:
-        errs.append("config keys 'drift_threshold' and 'need_threshold' are two growth rules; set one of them")
+                    "set growth_schedule (or drift_threshold, need_threshold, novelty_threshold) or remove skip_mode")
+    for key in on:
+        if cfg.skip_mode != "reuse" or cfg.growth_schedule is not None:
+            errs.append(f"config key '{key}' decides between a new adapter and reusing the latest one: it needs "
+                        "\"skip_mode\": \"reuse\" and no 'growth_schedule'")
+    if len(on) > 1:
+        errs.append(f"config keys {' and '.join(repr(k) for k in on)} are different growth rules; set one of them")
     if (drift or need) and cfg.trial_epochs >= cfg.epochs:
         errs.append(f"config key 'trial_epochs' = {cfg.trial_epochs} must be below 'epochs' = {cfg.epochs}: the "
                     "trial is the first part of a task")
     rules = {"trial_epochs": ("drift_threshold", "need_threshold"), "probe_images": ("drift_threshold",),
-             "need_holdout": ("need_threshold",), "need_signal": ("need_threshold",)}
+             "need_holdout": ("need_threshold",), "need_signal": ("need_threshold",),
+             "max_share": ("novelty_threshold",)}
     for key, names in rules.items():
         if all(getattr(cfg, n) is None for n in names) and raw.get(key, getattr(DEFAULTS, key)) != getattr(DEFAULTS, key):
             errs.append(f"config key '{key}' only applies with " + " or ".join(f"'{n}'" for n in names)
@@ -50,7 +57,8 @@ class SDLoRA(Learner):
     ``growth_schedule``, only the tasks listed get an adapter (a fixed-growth baseline); the others
     train the magnitudes and head, or, with ``skip_mode: "reuse"``, the latest adapter as well. With
     ``drift_threshold``, a task gets an adapter only when reusing the latest one drifts too far; with
-    ``need_threshold``, only when a new one fits its held-out images better than reuse does."""
+    ``need_threshold``, only when a new one fits its held-out images better than reuse does; with
+    ``novelty_threshold``, only when its images are unlike those the latest one was trained on."""
 
     default_alpha = 0.8
 
@@ -74,13 +82,30 @@ class SDLoRA(Learner):
         if sched is not None and task not in sched:
             skip_adapter(self.net.backbone, task, reuse=self.cfg.skip_mode == "reuse")
 
+    @property
+    def rule(self):
+        """The growth rule the config turns on (``RULES``), made once; None: every task its own adapter."""
+        if not hasattr(self, "_rule"):
+            self._rule = next((cls(self) for key, cls in RULES.items() if getattr(self.cfg, key) is not None), None)
+        return self._rule
+
+    def _restore(self, dm, done: int) -> None:
+        """Growth on novelty compares with the statistics of earlier tasks: a fork of a run without the rule (its
+        SD-LoRA parent) lacks them, so they are taken now, exactly as the task would have taken them (the task's
+        images through the pretrained backbone, which no adapter changes)."""
+        super()._restore(dm, done)
+        if isinstance(self.rule, NoveltyGrowth):
+            for t in range(done + 1):
+                if not self.rule.path(t).is_file():
+                    self.rule.observe(t, self.train_loader(dm, t))
+
     def train_task(self, task: int, loader) -> None:
-        """One fit of the task's epochs; growth on drift (``drift_threshold``, models/drift_growth.py) or on need
-        (``need_threshold``, models/need_growth.py) in its place."""
-        rule = DriftGrowth(self) if self.cfg.drift_threshold is not None else \
-            NeedGrowth(self) if self.cfg.need_threshold is not None else None
+        """One fit of the task's epochs; growth on drift, need or novelty (``RULES``) in its place."""
+        rule = self.rule
         latest = latest_adapter_before(self.net.backbone, task)
         if rule is None or latest is None:  # no rule, or nothing to reuse yet (task 0)
+            if isinstance(rule, NoveltyGrowth):
+                rule.observe(task, loader)  # the statistics later tasks are compared with
             return super().train_task(task, loader)
         record = rule.train_task(task, loader, latest)
         self.metrics.setdefault("growth", []).append(

@@ -115,7 +115,10 @@ def test_a_growth_rule_forked_after_sdlora_task_0_equals_its_run_from_scratch(ru
 FIT = {"need_threshold": 0.8, "need_signal": "fit", "skip_mode": "reuse", "epochs": 3, "trial_epochs": 1}
 
 
-@pytest.mark.parametrize("rule", [{}, FIT, {"growth_schedule": [0, 2], "skip_mode": "reuse"}, GUMBEL])
+NOVELTY = {"novelty_threshold": 0.05, "max_share": 2, "skip_mode": "reuse"}
+
+
+@pytest.mark.parametrize("rule", [{}, FIT, NOVELTY, {"growth_schedule": [0, 2], "skip_mode": "reuse"}, GUMBEL])
 def test_a_shifted_stream_forked_from_the_plain_one_at_its_first_shift_equals_its_run_from_scratch(rule, tiny,
                                                                                                    tmp_path):
     """What run.sh need relies on: a stream whose first shifted task is k has the plain stream's tasks 0..k-1."""
@@ -132,7 +135,7 @@ def test_a_shifted_stream_forked_from_the_plain_one_at_its_first_shift_equals_it
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-@pytest.mark.parametrize("rule", [FIT, dict(FIT, need_signal="gain", need_threshold=0.0)])
+@pytest.mark.parametrize("rule", [FIT, dict(FIT, need_signal="gain", need_threshold=0.0), dict(NOVELTY, epochs=2)])
 def test_a_need_rule_forked_after_sdlora_task_0_equals_its_run_from_scratch(rule, tiny, tmp_path):
     alone = run(dict(tiny, **rule), tmp_path, "rule.json")
     parent = run(dict(tiny, epochs=rule["epochs"]), tmp_path, "sdlora.json")
@@ -140,3 +143,4 @@ def test_a_need_rule_forked_after_sdlora_task_0_equals_its_run_from_scratch(rule
     assert code == 0
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (alone, child))
     assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["growth"] == b["growth"]
+    assert a["active_adapters"] == b["active_adapters"]

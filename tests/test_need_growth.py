@@ -24,7 +24,7 @@ def learner_for(tiny, tmp_path, **over):
 
 @pytest.mark.parametrize("over, match", [
     (dict(model_name="sdlora", need_threshold=0.0), 'needs "skip_mode": "reuse"'),
-    (dict(NEED, need_threshold=0.0, drift_threshold=0.1), "two growth rules"),
+    (dict(NEED, need_threshold=0.0, drift_threshold=0.1), "different growth rules"),
     (dict(NEED, need_threshold=0.0, trial_epochs=3), "must be below 'epochs'"),
     (dict(model_name="sdlora", need_holdout=0.3), "only applies with 'need_threshold'"),
     (dict(NEED, need_signal="fit"), "'need_signal' only applies with 'need_threshold'"),

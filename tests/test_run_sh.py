@@ -71,18 +71,19 @@ def test_a_finished_row_is_not_run_again_and_a_stopped_one_resumes(stub, tmp_pat
 
 def test_the_need_batch_forks_each_row_from_its_parent_at_the_first_shift(stub, tmp_path):
     calls = run_sh(stub, tmp_path, "need", STREAMS="plain shifted", KINDS="grey_invert", PLACEMENTS="3,4,8",
-                   NEEDS="", FITS="0.8", EVENS="2 3")
+                   NEEDS="", FITS="0.8", NOVELTIES="0.05", SHARES="5", EVENS="2 3")
     logs = tmp_path / "logs"
     by_prefix = {c.split("--prefix ")[1].split()[0]: c for c in calls}
     p = "quick_unnormalised"
     assert sorted(by_prefix) == sorted([f"{p}_{s}_{r}" for s in ("plain", "grey_invert_348")
-                                        for r in ("sdlora", "gumbel", "fit0.8", "even2", "even3")]
+                                        for r in ("sdlora", "gumbel", "fit0.8", "novelty0.05",
+                                                  "novelty0.05_share5", "even2", "even3")]
                                        + [f"{p}_grey_invert_348_oracle"])
     for row in ("sdlora", "gumbel"):  # plain rows without a parent run from scratch
         assert "--fork_from" not in by_prefix[f"{p}_plain_{row}"]
-    for row in ("fit0.8", "even2", "even3"):  # the rest of the plain stream: SD-LoRA's task 0
+    for row in ("fit0.8", "novelty0.05", "novelty0.05_share5", "even2", "even3"):  # the rest: SD-LoRA's task 0
         assert f"--fork_from {logs}/{p}_plain_sdlora_run --fork_task 1 " in by_prefix[f"{p}_plain_{row}"]
-    for row in ("sdlora", "gumbel", "fit0.8", "even2", "even3"):  # a shifted row: its plain row up to task 3
+    for row in ("sdlora", "gumbel", "fit0.8", "novelty0.05_share5", "even2"):  # a shifted row: its plain row
         c = by_prefix[f"{p}_grey_invert_348_{row}"]
         assert f"--fork_from {logs}/{p}_plain_{row}_run --fork_task 3 " in c and "--shift_tasks [3,4,8]" in c
     oracle = by_prefix[f"{p}_grey_invert_348_oracle"]
@@ -92,7 +93,7 @@ def test_the_need_batch_forks_each_row_from_its_parent_at_the_first_shift(stub, 
 
 def test_a_row_whose_parent_failed_is_skipped_with_a_reason(stub, tmp_path):
     calls = run_sh(stub, tmp_path, "need", STREAMS="plain shifted", KINDS="grey_invert", PLACEMENTS="3,4,8",
-                   NEEDS="", FITS="", EVENS="2", ONLY="plain_sdlora|grey_invert_348_sdlora", TASKS="2")
+                   NEEDS="", FITS="", NOVELTIES="", EVENS="2", ONLY="plain_sdlora|grey_invert_348_sdlora", TASKS="2")
     # the plain SD-LoRA run finished only 2 tasks: the shifted row cannot fork at task 3, and is not started
     assert [c for c in calls if "grey_invert" in c] == []
     out = (tmp_path / "logs").glob("*.out")

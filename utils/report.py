@@ -205,7 +205,8 @@ def growth_signal(run: Run) -> Optional[tuple[str, dict[int, float], dict[int, b
     growth = run.metrics.get("growth") or []
     for key, name in (("gain", "held-out gain of a new adapter over reuse (nats)"),
                       ("fit", "held-out loss of reuse over ln(classes) (1 = chance)"),
-                      ("drift", "drift of the earlier classes' logits under reuse")):
+                      ("drift", "drift of the earlier classes' logits under reuse"),
+                      ("novelty", "novelty: mean token shift from the latest adapter's tasks (pretrained features)")):
         if growth and key in growth[0]:
             return name, {g["task"]: g[key] for g in growth}, {g["task"]: bool(g["grow"]) for g in growth}
     probes = {t: r["loss_without"] - r["loss_with"] for t, r in enumerate(run.gate) if "loss_with" in r}
@@ -230,7 +231,8 @@ def plot_growth_signal(run: Run, out: Path) -> Optional[Path]:
     for t in tasks:
         ax.plot(t, signal[t], "o", ms=8, color="tab:red" if grew.get(t) else "white", mec="tab:red")
     thr = (run.metrics.get("growth") or [{}])[0]
-    key = "need_threshold" if ("gain" in thr or "fit" in thr) else "drift_threshold" if "drift" in thr else None
+    key = next((k for sig, k in (("gain", "need_threshold"), ("fit", "need_threshold"), ("drift", "drift_threshold"),
+                                 ("novelty", "novelty_threshold")) if sig in thr), None)
     if key and run.config.get(key) is not None:
         ax.axhline(run.config[key], ls="--", color="tab:blue", lw=1, label=f"{key} {run.config[key]}")
         ax.legend(loc="best", fontsize=9)
@@ -309,7 +311,7 @@ def _is_reference(run: Run) -> bool:
     """Plain SD-LoRA (an adapter per task, no growth rule): what a rule's compute is measured against."""
     c = run.config
     return (c.get("model_name") == "sdlora" and c.get("growth_schedule") is None
-            and c.get("drift_threshold") is None and c.get("need_threshold") is None)
+            and all(c.get(k) is None for k in ("drift_threshold", "need_threshold", "novelty_threshold")))
 
 
 def _data_key(run: Run) -> str:

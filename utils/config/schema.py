@@ -175,6 +175,14 @@ class Config:
         "held-out loss is below a reuse trial's; two trials) or \"fit\" (the reuse trial's held-out loss over "
         "ln(the task's classes), 1 = chance; one trial, and a task that grows trains its new adapter every epoch)",
         ("sdlora", "sdlora_rr"))
+    novelty_threshold: Optional[float] = _key(
+        None, "growth on novelty: a task gets its own adapter only if its images' mean middle-block token, in the "
+        "pretrained backbone, is shifted from that of the tasks the latest adapter served by more than this (mean "
+        "squared shift over their variance); else it reuses that adapter; no trial; null: off",
+        ("sdlora", "sdlora_rr"), check=_positive)
+    max_share: Optional[int] = _key(
+        None, "growth on novelty: a task also gets its own adapter when the latest one already serves this many "
+        "tasks (a bound on reuse); null: no bound", ("sdlora", "sdlora_rr"), check=_positive)
     need_holdout: float = _key(0.2, "growth on need: share of each class's training images held out of the "
                                "trials to judge them", ("sdlora", "sdlora_rr"), check=_open_unit)
     trial_epochs: int = _key(1, "growth on drift or need: epochs of each trial before the decision",

@@ -1,0 +1,110 @@
+"""Growth on novelty (novelty_threshold, max_share): token statistics of the pretrained backbone, the standardised
+shift against the latest adapter's tasks, and a decision taken before any training."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from main import make_data_manager
+from models.novelty_growth import NoveltyGrowth, standardised_shift
+from models.sdlora import SDLoRA
+from tests.conftest import resumed_and_uninterrupted
+from utils.config import ConfigError, build_config
+from utils.data.datasets import load_dataset
+from utils.io import load_tensors
+
+NOVELTY = dict(model_name="sdlora", skip_mode="reuse", epochs=2)
+
+
+def learner_for(tiny, tmp_path, **over):
+    cfg = build_config(dict(tiny, **over))
+    return SDLoRA(cfg, torch.device("cpu"), Path(tmp_path), seed=7), make_data_manager(cfg, load_dataset(cfg), 7)
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(model_name="sdlora", novelty_threshold=0.1), 'needs "skip_mode": "reuse"'),
+    (dict(NOVELTY, novelty_threshold=0.1, need_threshold=0.0), "are different growth rules"),
+    (dict(NOVELTY, novelty_threshold=0.1, growth_schedule=[0, 2]), "no 'growth_schedule'"),
+    (dict(NOVELTY, max_share=3), "'max_share' only applies with 'novelty_threshold'"),
+    (dict(NOVELTY, novelty_threshold=-1.0), "novelty_threshold"),
+    (dict(NOVELTY, novelty_threshold=0.1, max_share=0), "max_share"),
+    (dict(model_name="gumbel_sdlora", novelty_threshold=0.1), "not used by model_name 'gumbel_sdlora'"),
+])
+def test_novelty_keys_that_cannot_work_are_rejected(tiny, over, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config(dict(tiny, **over))
+
+
+def test_standardised_shift_against_brute_force():
+    g = torch.Generator().manual_seed(0)
+    m, ref, var = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g), torch.rand(5, 7, generator=g) + 0.1
+    want = np.mean([(float(m[i, j]) - float(ref[i, j])) ** 2 / float(var[i, j]) for i in range(5) for j in range(7)])
+    assert standardised_shift(m, ref, var) == pytest.approx(want, rel=1e-6)
+    var[0, 0] = 0.0  # no spread: left out
+    keep = [(i, j) for i in range(5) for j in range(7) if (i, j) != (0, 0)]
+    want = np.mean([(float(m[i, j]) - float(ref[i, j])) ** 2 / float(var[i, j]) for i, j in keep])
+    assert standardised_shift(m, ref, var) == pytest.approx(want, rel=1e-6)
+
+
+def test_statistics_are_the_pretrained_middle_blocks_tokens_whatever_the_adapters(tiny, tmp_path):
+    learner, dm = learner_for(tiny, tmp_path, novelty_threshold=1e9, **NOVELTY)
+    vit = learner.net.backbone.vit
+    ds = dm.train_set(1, learner.test_tf)
+    x = torch.cat([b for b, _ in learner.loader(ds, train=False, task=0)])  # the images as the rule's loader gives them
+    out = []
+    h = vit.blocks[len(vit.blocks) // 2 - 1].register_forward_hook(lambda m, i, o: out.append(o.double()))
+    with torch.no_grad():
+        vit.eval()
+        vit(x)  # no adapter added yet: the backbone as loaded
+    h.remove()
+    want_mean, want_var = out[0].mean(0), out[0].var(0)
+    learner.run(dm)  # adapters trained on tasks 0-2: the statistics must not see them
+    got = load_tensors(tmp_path / "token_stats_task_1.safetensors")
+    # equal up to float32 rounding (the loader's batches of 16 against one batch of 32 here)
+    assert torch.allclose(got["mean"].double(), want_mean, atol=1e-5)
+    assert torch.allclose(got["var"].double(), want_var, atol=1e-5)
+    with torch.no_grad():  # and the adapters are back in the forward pass afterwards
+        learner.net.eval()
+        with learner.net.backbone.pretrained_only():
+            plain = learner.net.backbone(x[:4])
+        assert not torch.allclose(learner.net.backbone(x[:4]), plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("threshold, share, active", [(1e9, None, [1, 1, 1]), (1e-12, None, [1, 2, 3]),
+                                                      (1e9, 2, [1, 1, 2])])
+def test_novelty_rule_grows_or_reuses_with_sdlora_steps(threshold, share, active, tiny, tmp_path):
+    learner, dm = learner_for(tiny, tmp_path, novelty_threshold=threshold, max_share=share, **NOVELTY)
+    learner.run(dm)
+    m = learner.metrics
+    assert m["active_adapters"] == active
+    assert m["train_steps"] == [4, 4, 4]  # 32 images, batch 16, 2 epochs: no trial
+    rec = torch.load(tmp_path / "growth_task_2.pt", weights_only=True)
+    nov = NoveltyGrowth(learner)
+    stats = [load_tensors(tmp_path / f"token_stats_task_{t}.safetensors") for t in range(3)]
+    served = [t for t in nov.served(rec["reopened"]) if t < 2]  # the tasks it served when task 2 began
+    ref_mean = torch.stack([stats[t]["mean"] for t in served]).mean(0)
+    ref_var = torch.stack([stats[t]["var"] for t in served]).mean(0)
+    assert rec["novelty"] == pytest.approx(standardised_shift(stats[2]["mean"], ref_mean, ref_var))
+    assert rec["full"] is (share == 2) and [g["novelty"] for g in m["growth"]][1] == rec["novelty"]
+
+
+def test_a_shifted_task_is_novel_and_a_plain_one_is_not(tiny, tmp_path):
+    """On the same generated classes, showing task 2 greyscale-inverted moves its tokens far more than new
+    classes do: the signal measures the images' domain."""
+    vals = {}
+    for shift in ([], [2]):
+        learner, dm = learner_for(tiny, tmp_path / str(shift), novelty_threshold=1e9, shift_tasks=shift, **NOVELTY)
+        learner.run(dm)
+        vals[tuple(shift)] = learner.metrics["growth"][1]["novelty"]
+    assert vals[(2,)] > 3 * vals[()]
+
+
+def test_novelty_run_resumes_to_the_uninterrupted_numbers(tiny, tmp_path):
+    learner, dm = learner_for(tiny, tmp_path / "probe", novelty_threshold=1e9, **NOVELTY)
+    learner.run(dm)
+    mid = sorted(g["novelty"] for g in learner.metrics["growth"])
+    cfg = dict(tiny, novelty_threshold=float(np.mean(mid)), **NOVELTY)  # between the two: decisions that matter
+    got, want = resumed_and_uninterrupted(cfg, tmp_path, cut=2)
+    for key in ("accuracy_matrix", "A", "active_adapters", "growth", "train_steps"):
+        assert got[key] == want[key], key
