@@ -1,6 +1,7 @@
 """How well the features at hand separate each task's classes, plain and shifted: the data behind a need signal.
 
-    python benchmarks/need_probe.py RUN_DIR [--kinds grey_invert rot180] [--tasks 1 2 3]
+    python benchmarks/need_probe.py RUN_DIR [--kinds grey_invert rot180 patch_shuffle] [--tasks 1 2 3]
+    python benchmarks/need_probe.py RUN_DIR --novelty [--blocks 1 5 11]
 
 For every task t >= 1 of a finished run, the network is rebuilt as it stood after task t-1 (its checkpoints), and
 task t's training images (test transform) go through its backbone, as they are and shown as each shift kind
@@ -8,6 +9,10 @@ would show them. Two training-free probes of those features: the leave-one-out a
 mean (cosine) and of a ridge classifier on one-hot targets (closed form, PRESS residuals). The same for the
 pretrained backbone without any adapter. A need signal that grows at the shifted tasks must separate the
 shifted columns from the plain ones at every t, across the spread of the plain column over t.
+
+``--novelty``: the signal of growth on novelty (models/novelty_growth.py) at several blocks of the pretrained
+backbone: task t's mean token, plain or shown as each shift kind, against the plain tasks 0..t-1 (their mean
+token and spread), in units of that spread. It needs only the run's config (data, protocol, seed).
 """
 from __future__ import annotations
 
@@ -71,12 +76,47 @@ def shown_as(ds: TaskDataset, kind: str | None) -> TaskDataset:
     return TaskDataset(ds.images, ds.labels, ds.transform, shifted=flags, shift_kind=kind or "grey_invert")
 
 
+@torch.no_grad()
+def token_stats(learner, ds: TaskDataset, blocks: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per block: the mean and variance over the images of each token position's features (no adapter)."""
+    vit, out = learner.net.backbone.vit, {b: [] for b in blocks}
+    hooks = [vit.blocks[b].register_forward_hook(lambda m, i, o, b=b: out[b].append(o.double())) for b in blocks]
+    learner.net.eval()
+    with learner.net.backbone.pretrained_only():
+        for x, _ in learner.loader(ds, train=False, task=0):
+            vit(x.to(learner.device))
+    for h in hooks:
+        h.remove()
+    return {b: (torch.cat(v).mean(0), torch.cat(v).var(0)) for b, v in out.items()}
+
+
+def novelty_table(learner, dm: DataManager, kinds: list[str], blocks: list[int]) -> list[dict]:
+    from models.novelty_growth import standardised_shift
+    cols = [None] + kinds
+    stats = {(t, k): token_stats(learner, shown_as(dm.train_set(t, learner.test_tf), k), blocks)
+             for t in range(dm.n_tasks) for k in cols}
+    rows = []
+    print("task | " + " | ".join(f"{k or 'plain'}: blocks {' / '.join(map(str, blocks))}" for k in cols))
+    for t in range(1, dm.n_tasks):
+        row = {"task": t}
+        for k in cols:
+            row[k or "plain"] = [standardised_shift(stats[(t, k)][b][0],
+                                                    torch.stack([stats[(s, None)][b][0] for s in range(t)]).mean(0),
+                                                    torch.stack([stats[(s, None)][b][1] for s in range(t)]).mean(0))
+                                 for b in blocks]
+        rows.append(row)
+        print(f"{t} | " + " | ".join(" / ".join(f"{v:.4f}" for v in row[k or "plain"]) for k in cols), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--kinds", nargs="*", default=["grey_invert", "rot180", "patch_shuffle"])
     ap.add_argument("--tasks", nargs="*", type=int)
     ap.add_argument("--json", type=Path, help="write the rows here as well")
+    ap.add_argument("--novelty", action="store_true", help="the novelty signal by block instead of the probes")
+    ap.add_argument("--blocks", nargs="*", type=int, default=[1, 5, 11])
     args = ap.parse_args(argv)
     raw = json.loads((args.run_dir / "config.json").read_text())
     cfg = build_config(dict(raw, shift_tasks=[], log_dir=str(args.run_dir.parent)))
@@ -86,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     tasks = args.tasks or list(range(1, done))
     cls = get_learner(cfg.model_name)
     pretrained = cls(cfg, torch.device("cpu"), args.run_dir, seed)  # no adapter added: the backbone as loaded
+    if args.novelty:
+        rows = novelty_table(pretrained, dm, args.kinds, args.blocks)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+        return 0
     cols = [None] + args.kinds
     rows = []
     print("task | " + " | ".join(f"{k or 'plain'} ncm/ridge (at hand)" for k in cols) + " | "

@@ -108,3 +108,17 @@ def test_novelty_run_resumes_to_the_uninterrupted_numbers(tiny, tmp_path):
     got, want = resumed_and_uninterrupted(cfg, tmp_path, cut=2)
     for key in ("accuracy_matrix", "A", "active_adapters", "growth", "train_steps"):
         assert got[key] == want[key], key
+
+
+def test_the_probe_script_measures_what_the_rule_measured(tiny, tmp_path, capsys):
+    """benchmarks/need_probe.py --novelty: task 1 against task 0 at the middle block is the rule's own signal."""
+    import json
+    from benchmarks import need_probe
+    from tests.conftest import run_config
+    run = run_config(dict(tiny, novelty_threshold=1e9, **NOVELTY), tmp_path)
+    assert need_probe.main([str(run), "--novelty", "--blocks", "0", "1", "--kinds", "grey_invert",
+                            "--json", str(tmp_path / "n.json")]) == 0
+    rows = json.loads((tmp_path / "n.json").read_text())
+    rule = json.loads((run / "metrics.json").read_text())["growth"][0]["novelty"]  # task 1, block 0 of 2
+    assert rows[0]["task"] == 1 and rows[0]["plain"][0] == pytest.approx(rule, rel=1e-4)
+    assert rows[0]["grey_invert"][0] > rows[0]["plain"][0]
