@@ -11,7 +11,8 @@
 #                                           quick_unnormalised), SEEDS
 #   bash run.sh need [--key value ...]      growth on need: SD-LoRA, the Gumbel rule, need_threshold at NEEDS (gain)
 #                                           and FITS (need_signal fit), novelty_threshold at NOVELTIES (alone and
-#                                           with max_share at each of SHARES), the evenly
+#                                           with max_share at each of SHARES; REFS "latest nearest": against
+#                                           the latest adapter's tasks or the nearest adapter's), the evenly
 #                                           spaced schedules with 2-5 adapters (reuse), and on shifted streams the
 #                                           oracle schedule, on PROTOCOL (default quick_unnormalised), SEEDS; STREAMS
 #                                           "plain shifted", KINDS "grey_invert patch_shuffle", PLACEMENTS "3,4,8 2,5,7 1,6,9"
@@ -348,6 +349,7 @@ if [ "${1:-}" = "need" ]; then  # growth on need (docs/growth.md): the rules aga
   FITS=${FITS-0.8}  # need_signal "fit": the reuse trial's held-out loss over ln(classes), 0.8 from plain CIFAR
   NOVELTIES=${NOVELTIES-0.045}  # growth on novelty (novelty_threshold), and with max_share at each of SHARES
   SHARES=${SHARES-5}
+  REFS=${REFS-latest nearest}  # novelty_reference of the novelty rows
   EVENS=${EVENS-2 3 4 5}  # the evenly spaced schedules, by adapter count
   FORK=${FORK:-1}
   Q=(--protocol "exps/protocols/$PROTO.json" --data_path "$SHARED/data/cifar100/cifar100.npz"
@@ -376,10 +378,14 @@ if [ "${1:-}" = "need" ]; then  # growth on need (docs/growth.md): the rules aga
       row "fit$t" sdlora "fit$t" "${sd[@]}" --skip_mode reuse --need_threshold "$t" --need_signal fit
     done
     for t in $NOVELTIES; do
-      row "novelty$t" sdlora "novelty$t" "${sd[@]}" --skip_mode reuse --novelty_threshold "$t"
-      for s in $SHARES; do
-        row "novelty${t}_share$s" sdlora "novelty${t}_share$s" "${sd[@]}" --skip_mode reuse --novelty_threshold "$t" \
-            --max_share "$s"
+      for r in $REFS; do  # novelty_reference: rows named novelty$t (latest) or novelty${t}_nearest
+        local sfx=$([ "$r" = latest ] || echo "_$r")
+        row "novelty$t$sfx" sdlora "novelty$t$sfx" "${sd[@]}" --skip_mode reuse --novelty_threshold "$t" \
+            --novelty_reference "$r"
+        for s in $SHARES; do
+          row "novelty${t}_share$s$sfx" sdlora "novelty${t}_share$s$sfx" "${sd[@]}" --skip_mode reuse \
+              --novelty_threshold "$t" --max_share "$s" --novelty_reference "$r"
+        done
       done
     done
     for n in $EVENS; do row "even$n" sdlora "even$n" "${sd[@]}" --skip_mode reuse --growth_schedule "$(even $n)"; done

@@ -8,7 +8,9 @@ the reference is the average of those statistics over the tasks the latest adapt
 
     novelty = mean over positions and channels of (m_t - m_ref)^2 / v_ref,
 
-the task's mean token shift in units of the reference's spread. novelty > threshold, or k already serves
+the task's mean token shift in units of the reference's spread. With ``novelty_reference: "nearest"`` the
+novelty is the least of that over every adapter so far (each against the tasks it served): a task like the
+tasks of any earlier adapter, e.g. a return to an earlier domain, is not novel. novelty > threshold, or k already serves
 ``max_share`` tasks: a new adapter; else k is reopened and trains on the task. There is no trial: a task costs
 SD-LoRA's steps and one forward pass over its images. A task of new classes from the same image domain moves the
 mean token little; a change of appearance or layout moves it far (docs/growth.md measures both, block by block).
@@ -82,26 +84,34 @@ class NoveltyGrowth:
         by = self.learner.net.backbone.served_by
         return sorted([adapter] + [t for t, a in by.items() if a == adapter])
 
-    def novelty(self, task: int, latest: int) -> float:
-        ref = [self.stats_of(t) for t in self.served(latest)]
+    def novelty_against(self, task: int, adapter: int) -> float:
+        """The task's standardised mean token shift from the pooled statistics of the tasks ``adapter`` served."""
+        ref = [self.stats_of(t) for t in self.served(adapter)]
         mean = torch.stack([s["mean"] for s in ref]).mean(0)
         var = torch.stack([s["var"] for s in ref]).mean(0)
         return standardised_shift(self.stats_of(task)["mean"], mean, var)
+
+    def novelty(self, task: int, latest: int) -> tuple[float, int]:
+        """The novelty the decision reads, and the adapter whose tasks gave it (the latest, or the nearest)."""
+        if self.learner.cfg.novelty_reference == "latest":
+            return self.novelty_against(task, latest), latest
+        adapters = [a for a in self.learner.net.backbone.gate.active_tasks() if a < task]
+        return min((self.novelty_against(task, a), a) for a in adapters)
 
     def train_task(self, task: int, loader: DataLoader, latest: int) -> dict:
         """Measure, decide, then train the task's own adapter or the reopened one for every epoch."""
         lr, c = self.learner, self.learner.cfg
         self.observe(task, loader)
-        novelty = self.novelty(task, latest)
+        novelty, nearest = self.novelty(task, latest)
         share = len(self.served(latest))
         full = c.max_share is not None and share >= c.max_share
         grow = novelty > c.novelty_threshold or full
         record = {"task": task, "reopened": latest, "threshold": c.novelty_threshold, "novelty": novelty,
-                  "served": share, "full": full, "grow": grow}
+                  "reference": c.novelty_reference, "nearest": nearest, "served": share, "full": full, "grow": grow}
         if not grow:
             skip_adapter(lr.net.backbone, task, reuse=True)
         why = f"adapter {latest} serves {share} task(s), the most allowed" if full else f"threshold {c.novelty_threshold}"
-        log.info(f"[Novelty growth] Task {task}: novelty {novelty:.4f} against the tasks of adapter {latest} ({why}): "
+        log.info(f"[Novelty growth] Task {task}: novelty {novelty:.4f} against the tasks of adapter {nearest} ({why}): "
                  + ("new adapter" if grow else f"adapter {latest} goes on serving"))
         lr.fit(task, loader, lr.param_groups(), lr.epochs(task),
                desc=f"Task {task} ({'new adapter' if grow else f'reusing adapter {latest}'})")

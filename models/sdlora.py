@@ -43,7 +43,7 @@ def _check(cfg, raw: dict) -> list[str]:
                     "trial is the first part of a task")
     rules = {"trial_epochs": ("drift_threshold", "need_threshold"), "probe_images": ("drift_threshold",),
              "need_holdout": ("need_threshold",), "need_signal": ("need_threshold",),
-             "max_share": ("novelty_threshold",)}
+             "max_share": ("novelty_threshold",), "novelty_reference": ("novelty_threshold",)}
     for key, names in rules.items():
         if all(getattr(cfg, n) is None for n in names) and raw.get(key, getattr(DEFAULTS, key)) != getattr(DEFAULTS, key):
             errs.append(f"config key '{key}' only applies with " + " or ".join(f"'{n}'" for n in names)
@@ -109,7 +109,8 @@ class SDLoRA(Learner):
             return super().train_task(task, loader)
         record = rule.train_task(task, loader, latest)
         self.metrics.setdefault("growth", []).append(
-            {k: record[k] for k in ("task", "reopened", rule.signal, "grow", "trained_adapter")})
+            {k: record[k] for k in ("task", "reopened", rule.signal, "nearest", "grow", "trained_adapter")
+             if k in record})
 
 
 @register("sdlora_rr", check=_check)

@@ -122,3 +122,47 @@ def test_the_probe_script_measures_what_the_rule_measured(tiny, tmp_path, capsys
     rule = json.loads((run / "metrics.json").read_text())["growth"][0]["novelty"]  # task 1, block 0 of 2
     assert rows[0]["task"] == 1 and rows[0]["plain"][0] == pytest.approx(rule, rel=1e-4)
     assert rows[0]["grey_invert"][0] > rows[0]["plain"][0]
+
+
+def test_the_replay_script_makes_the_rules_decisions(tiny, tmp_path):
+    """benchmarks/novelty_decisions.py replays the rule from token statistics alone: on a shifted stream its
+    novelty per task and where it grows equal a trained run's record, at a threshold that splits the tasks."""
+    from benchmarks import novelty_decisions as nd
+    cols = nd.seed_stats(build_config(dict(tiny, novelty_threshold=1.0, **NOVELTY)), 7, ["grey_invert"])
+    stats = nd.stream(cols, "grey_invert", [2])
+    probe = nd.replay(stats, 1e9, None)
+    assert len(probe) == 2 and probe[1]["novelty"] > probe[0]["novelty"]
+    threshold = (probe[0]["novelty"] + probe[1]["novelty"]) / 2  # task 1 reuses, shifted task 2 grows
+    learner, dm = learner_for(tiny, tmp_path, novelty_threshold=threshold, shift_tasks=[2], **NOVELTY)
+    learner.run(dm)
+    rec = nd.replay(stats, threshold, None)
+    assert [r["novelty"] for r in rec] == pytest.approx([g["novelty"] for g in learner.metrics["growth"]], rel=1e-4)
+    assert nd.grew_at(rec) == [0, 2] and learner.metrics["active_adapters"] == [1, 1, 2]
+    near = nd.replay(stats, threshold, None, reference="nearest")  # task 2 against adapter 0's tasks {0, 1}
+    assert near[1]["novelty"] == pytest.approx(rec[1]["novelty"])
+
+
+def test_nearest_reference_does_not_grow_on_a_return_to_an_earlier_domain(tiny, tmp_path):
+    """Task 1 shifted, task 2 plain again: against the latest adapter (task 1's) task 2 is novel, against the
+    nearest (task 0's) it is not, so "nearest" reuses where "latest" grows; the run's records equal the replay."""
+    from benchmarks import novelty_decisions as nd
+    cols = nd.seed_stats(build_config(dict(tiny, novelty_threshold=1.0, **NOVELTY)), 7, ["grey_invert"])
+    stats = nd.stream(cols, "grey_invert", [1])
+    plain = nd.novelty_against(stats, 2, [0])
+    shifted = min(nd.novelty_against(stats, 1, [0]), nd.novelty_against(stats, 2, [1]))
+    assert shifted > 2 * plain
+    threshold = (plain + shifted) / 2
+    for reference, grew, active in (("latest", [0, 1, 2], [1, 2, 3]), ("nearest", [0, 1], [1, 2, 2])):
+        learner, dm = learner_for(tiny, tmp_path / reference, novelty_threshold=threshold, shift_tasks=[1],
+                                  novelty_reference=reference, **NOVELTY)
+        learner.run(dm)
+        rec = nd.replay(stats, threshold, None, reference)
+        assert nd.grew_at(rec) == grew and learner.metrics["active_adapters"] == active, reference
+        got = learner.metrics["growth"]
+        assert [g["novelty"] for g in got] == pytest.approx([r["novelty"] for r in rec], rel=1e-4)
+        assert got[1]["nearest"] == (0 if reference == "nearest" else 1) and got[1]["reopened"] == 1
+
+
+def test_novelty_reference_needs_the_rule(tiny):
+    with pytest.raises(ConfigError, match="'novelty_reference' only applies with 'novelty_threshold'"):
+        build_config(dict(tiny, novelty_reference="nearest", **NOVELTY))

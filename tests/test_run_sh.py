@@ -77,15 +77,17 @@ def test_the_need_batch_forks_each_row_from_its_parent_at_the_first_shift(stub, 
     p = "quick_unnormalised"
     assert sorted(by_prefix) == sorted([f"{p}_{s}_{r}" for s in ("plain", "grey_invert_348")
                                         for r in ("sdlora", "gumbel", "fit0.8", "novelty0.05",
-                                                  "novelty0.05_share5", "even2", "even3")]
+                                                  "novelty0.05_share5", "novelty0.05_nearest",
+                                                  "novelty0.05_share5_nearest", "even2", "even3")]
                                        + [f"{p}_grey_invert_348_oracle"])
     for row in ("sdlora", "gumbel"):  # plain rows without a parent run from scratch
         assert "--fork_from" not in by_prefix[f"{p}_plain_{row}"]
-    for row in ("fit0.8", "novelty0.05", "novelty0.05_share5", "even2", "even3"):  # the rest: SD-LoRA's task 0
+    for row in ("fit0.8", "novelty0.05", "novelty0.05_share5_nearest", "even2", "even3"):  # the rest: SD-LoRA's task 0
         assert f"--fork_from {logs}/{p}_plain_sdlora_run --fork_task 1 " in by_prefix[f"{p}_plain_{row}"]
-    for row in ("sdlora", "gumbel", "fit0.8", "novelty0.05_share5", "even2"):  # a shifted row: its plain row
-        c = by_prefix[f"{p}_grey_invert_348_{row}"]
+    for row in ("sdlora", "gumbel", "fit0.8", "novelty0.05_share5", "novelty0.05_share5_nearest", "even2"):
+        c = by_prefix[f"{p}_grey_invert_348_{row}"]  # a shifted row: its plain row
         assert f"--fork_from {logs}/{p}_plain_{row}_run --fork_task 3 " in c and "--shift_tasks [3,4,8]" in c
+    assert "--novelty_reference nearest" in by_prefix[f"{p}_grey_invert_348_novelty0.05_share5_nearest"]
     oracle = by_prefix[f"{p}_grey_invert_348_oracle"]
     assert f"--fork_from {logs}/{p}_plain_even2_run --fork_task 3 " in oracle
     assert '--growth_schedule [0,3,4,8]' in oracle

@@ -180,6 +180,11 @@ class Config:
         "pretrained backbone, is shifted from that of the tasks the latest adapter served by more than this (mean "
         "squared shift over their variance); else it reuses that adapter; no trial; null: off",
         ("sdlora", "sdlora_rr"), check=_positive)
+    novelty_reference: Literal["latest", "nearest"] = _key(
+        "latest", "growth on novelty: whose tasks a task's images are compared with: \"latest\" (the latest "
+        "adapter's) or \"nearest\" (every adapter's, the least novelty counts: a task like any earlier adapter's "
+        "tasks, e.g. a return to an earlier domain, is not novel); either way a task that does not grow reuses the "
+        "latest adapter", ("sdlora", "sdlora_rr"))
     max_share: Optional[int] = _key(
         None, "growth on novelty: a task also gets its own adapter when the latest one already serves this many "
         "tasks (a bound on reuse); null: no bound", ("sdlora", "sdlora_rr"), check=_positive)

@@ -1,0 +1,133 @@
+"""Where growth on novelty grows, on every stream of the growth table, without training a single step.
+
+    python benchmarks/novelty_decisions.py --config exps/sdlora_c100.json --protocol P --data_path D \\
+        --pretrained_path W --seeds 1993 1994 --kinds grey_invert patch_shuffle \\
+        --placements 3,4,8 2,5,7 1,6,9 --thresholds 0.03 0.045 0.06 --max_share 5 [--json OUT]
+
+The rule's decision (models/novelty_growth.py) reads only the pretrained backbone and the task's images: the mean
+and spread of the middle block's tokens, compared with those of the tasks the latest adapter serves. Training
+never changes it. So the decisions of a run follow from the token statistics of each task, plain and shown as each
+shift kind, for the seed's class order: this script computes those once per seed and replays the rule on every
+stream and threshold, printing where it grows, the shifted tasks it hit and the others it grew at (the bar of
+docs/growth.md). tests/test_novelty_growth.py checks the replay against a trained run's own record.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.need_probe import shown_as, token_stats  # noqa: E402
+from models import get_learner  # noqa: E402
+from models.novelty_growth import standardised_shift  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.config.reading import parse_overrides  # noqa: E402
+from utils.data.data_manager import DataManager  # noqa: E402
+from utils.data.datasets import load_dataset  # noqa: E402
+
+Stats = tuple[torch.Tensor, torch.Tensor]  # mean and variance of the tokens, (N tokens, d)
+
+
+def novelty_against(stats: list[Stats], task: int, tasks: list[int]) -> float:
+    """The rule's signal: task's mean token against the pooled statistics of ``tasks``."""
+    ref_mean = torch.stack([stats[s][0] for s in tasks]).mean(0)
+    ref_var = torch.stack([stats[s][1] for s in tasks]).mean(0)
+    return standardised_shift(stats[task][0], ref_mean, ref_var)
+
+
+def replay(stats: list[Stats], threshold: float, max_share: int | None, reference: str = "latest") -> list[dict]:
+    """The rule on one stream: task 0 owns adapter 0; task t >= 1 grows if its novelty exceeds ``threshold`` or
+    the latest adapter already serves ``max_share`` tasks, else it joins the latest adapter's tasks. The novelty is
+    against the latest adapter's tasks (``reference`` "latest") or the least over every adapter's ("nearest")."""
+    groups, records = [[0]], []
+    for t in range(1, len(stats)):
+        against = groups[-1:] if reference == "latest" else groups
+        novelty = min(novelty_against(stats, t, g) for g in against)
+        full = max_share is not None and len(groups[-1]) >= max_share
+        grow = novelty > threshold or full
+        records.append({"task": t, "novelty": novelty, "served": len(groups[-1]), "full": full, "grow": grow})
+        if grow:
+            groups.append([t])
+        else:
+            groups[-1].append(t)
+    return records
+
+
+def grew_at(records: list[dict]) -> list[int]:
+    return [0] + [r["task"] for r in records if r["grow"]]
+
+
+def seed_stats(cfg, seed: int, kinds: list[str], cache: Path | None = None) -> dict[str | None, list[Stats]]:
+    """Per column (None: plain, else a shift kind): each task's token statistics at the rule's block (read from
+    ``cache``/stats_SEED.pt when there, written there once computed)."""
+    f = cache / f"stats_{seed}.pt" if cache else None
+    if f is not None and f.is_file():
+        have = torch.load(f)
+        if all(k in have for k in [None] + kinds):
+            return have
+    dm = DataManager.for_config(cfg, load_dataset(cfg), seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        learner = get_learner(cfg.model_name)(cfg, torch.device("cpu"), Path(tmp), seed)
+        block = len(learner.net.backbone.vit.blocks) // 2 - 1
+        cols = {k: [token_stats(learner, shown_as(dm.train_set(t, learner.test_tf), k), [block])[block]
+                    for t in range(dm.n_tasks)] for k in [None] + kinds}
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(cols, f)
+    return cols
+
+
+def stream(cols: dict[str | None, list[Stats]], kind: str | None, shifted: list[int]) -> list[Stats]:
+    return [cols[kind if t in shifted else None][t] for t in range(len(cols[None]))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--protocol")
+    ap.add_argument("--seeds", nargs="+", type=int, required=True)
+    ap.add_argument("--kinds", nargs="*", default=["grey_invert", "patch_shuffle"])
+    ap.add_argument("--placements", nargs="*", default=["3,4,8", "2,5,7", "1,6,9"])
+    ap.add_argument("--thresholds", nargs="+", type=float, default=[0.045])
+    ap.add_argument("--max_share", type=int, default=None)
+    ap.add_argument("--reference", nargs="+", choices=["latest", "nearest"], default=["latest"],
+                    help="novelty against the latest adapter's tasks, or the least over every adapter's")
+    ap.add_argument("--cache", type=Path, help="keep each seed's token statistics here (they depend on the "
+                    "protocol, data, weights and seed only)")
+    ap.add_argument("--json", type=Path, help="write every stream's records here as well")
+    args, rest = ap.parse_known_args(argv)
+    overrides = parse_overrides(rest)
+    if args.protocol:
+        overrides["protocol"] = args.protocol
+    cfg = load_config(args.config, dict(overrides, shift_tasks=[]))
+    out = []
+    print("seed | stream | reference | threshold | grew at | adapters | shifted grown | others grown "
+          "| novelty per task")
+    for seed in args.seeds:
+        cols = seed_stats(cfg, seed, args.kinds, args.cache)
+        streams = [("plain", None, [])] + [(f"{k}_{p.replace(',', '')}", k, [int(t) for t in p.split(",")])
+                                            for k in args.kinds for p in args.placements]
+        for name, kind, shifted in streams:
+            for ref, thr in [(r, t) for r in args.reference for t in args.thresholds]:
+                rec = replay(stream(cols, kind, shifted), thr, args.max_share, ref)
+                at = grew_at(rec)
+                others = [t for t in range(1, len(rec) + 1) if t not in shifted]
+                hit = f"{sum(t in at for t in shifted)}/{len(shifted)}" if shifted else "-"
+                grown = f"{sum(t in at for t in others)}/{len(others)}"
+                print(f"{seed} | {name} | {ref} | {thr} | {at} | {len(at)} | {hit} | {grown}"
+                      f" | {' '.join(format(r['novelty'], '.3f') for r in rec)}", flush=True)
+                out.append({"seed": seed, "stream": name, "shift_kind": kind, "shift_tasks": shifted,
+                            "reference": ref, "threshold": thr, "max_share": args.max_share, "grew_at": at,
+                            "records": rec})
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
