@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Optional
 
 NAME = re.compile(r"^(?P<proto>[a-z]+(?:_unnormalised)?)_(?P<stream>plain|(?P<kind>[a-z_]+?)_(?P<pl>\d+))_"
-                  r"(?P<row>[a-z]+[\d.e-]*(?:_share\d+)?)_(?P<seed>\d+)$")
+                  r"(?P<row>[a-z]+[\d.e-]*(?:_share\d+)?(?:_nearest)?)_(?P<seed>\d+)$")
+STREAM = re.compile(r"^(?:plain|(?P<kind>[a-z_]+?)_(?P<pl>\d+))$")
 
 
 @dataclass
@@ -82,6 +83,29 @@ def load_rows(log_dir: Path, protocol: str, root: Path = Path(".")) -> list[Row]
         if (r.stream, r.seed) in sd:
             r.steps_ratio = r.steps / sd[(r.stream, r.seed)]
     return rows
+
+
+def load_recorded(path: Path) -> list[Row]:
+    """Rows measured before whose run folders are gone (CSV: stream,row,seed,a_last,a_avg,grew,steps_ratio;
+    grew: the tasks that got an adapter, space-separated), each reproducible from its run.sh row."""
+    import csv
+    rows = []
+    with path.open() as f:
+        for rec in csv.DictReader(line for line in f if not line.startswith("#")):
+            m = STREAM.match(rec["stream"])
+            if m is None:
+                raise ValueError(f"{path}: stream {rec['stream']!r} is neither plain nor KIND_PLACEMENT")
+            ratio = float(rec["steps_ratio"]) if rec["steps_ratio"] else None
+            rows.append(Row(rec["stream"], m["kind"] or "plain", tuple(int(c) for c in m["pl"] or ""), rec["row"],
+                            int(rec["seed"]), float(rec["a_last"]), float(rec["a_avg"]),
+                            [int(t) for t in rec["grew"].split()], 0, 10, ratio))
+    return rows
+
+
+def merged(runs: list[Row], recorded: list[Row]) -> list[Row]:
+    """The runs at hand, and each recorded row that no run at hand repeats."""
+    have = {(r.stream, r.row, r.seed) for r in runs}
+    return runs + [r for r in recorded if (r.stream, r.row, r.seed) not in have]
 
 
 def mean(xs: list[float]) -> Optional[float]:
@@ -195,8 +219,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--rules", nargs="*", default=None,
                     help="rows judged by the bar (default: gumbel, need*, fit*, novelty*)")
     ap.add_argument("--out", type=Path, help="also write the tables to this markdown file")
+    ap.add_argument("--recorded", type=Path, help="a CSV of rows measured before (exps/results/need_quick_recorded.csv)"
+                    "; a run at hand with the same stream, row and seed replaces its row")
     args = ap.parse_args(argv)
     rows = load_rows(args.log_dir, args.protocol)
+    if args.recorded:
+        rows = merged(rows, load_recorded(args.recorded))
     if not rows:
         print(f"no finished 10-task run of protocol {args.protocol} under {args.log_dir}", file=sys.stderr)
         return 2

@@ -86,6 +86,26 @@ def stream(cols: dict[str | None, list[Stats]], kind: str | None, shifted: list[
     return [cols[kind if t in shifted else None][t] for t in range(len(cols[None]))]
 
 
+def summary(out: list[dict]) -> str:
+    """Per reference and threshold: over the shifted streams, the share of shifted tasks grown at and of the
+    others (task 0 left out), the adapters; over the plain streams, the adapters and where they grew."""
+    lines = ["reference | threshold | shifted streams: shifted grown, others grown, adapters (mean) | "
+             "plain streams: adapters (mean), grew at"]
+    for ref, thr in dict.fromkeys((o["reference"], o["threshold"]) for o in out):
+        mine = [o for o in out if (o["reference"], o["threshold"]) == (ref, thr)]
+        sh = [o for o in mine if o["shift_tasks"]]
+        pl = [o for o in mine if not o["shift_tasks"]]
+        hit = sum(t in o["grew_at"] for o in sh for t in o["shift_tasks"])
+        n_hit = sum(len(o["shift_tasks"]) for o in sh)
+        others = [(t in o["grew_at"]) for o in sh for t in range(1, len(o["records"]) + 1) if t not in o["shift_tasks"]]
+        cell = (f"{hit}/{n_hit}, {sum(others)}/{len(others)}, {sum(len(o['grew_at']) for o in sh) / len(sh):.2f}"
+                if sh else "-")
+        plain = (f"{sum(len(o['grew_at']) for o in pl) / len(pl):.2f}, "
+                 + " ".join(sorted({str(o["grew_at"]).replace(" ", "") for o in pl})) if pl else "-")
+        lines.append(f"{ref} | {thr} | {cell} | {plain}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
@@ -124,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 out.append({"seed": seed, "stream": name, "shift_kind": kind, "shift_tasks": shifted,
                             "reference": ref, "threshold": thr, "max_share": args.max_share, "grew_at": at,
                             "records": rec})
+    print(summary(out))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return 0

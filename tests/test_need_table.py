@@ -53,3 +53,20 @@ def test_a_rule_that_grows_at_the_wrong_tasks_fails_the_placement_checks(tmp_pat
     c = v.checks()  # grew at 1, 3, 6: no shifted task; 3 of the 7 others; 1.0 under the oracle
     assert not c["grows at >= 2 of 3 shifted tasks"] and not c["grows at <= 1 in 3 of the others"]
     assert not c["A_last within 0.5 of the oracle"] and c["beats the same-count schedule on A_last"]
+
+
+def test_recorded_rows_join_the_runs_and_a_run_at_hand_replaces_its_row(tmp_path):
+    from benchmarks.need_table import load_recorded, merged
+    stream(tmp_path, "grey_invert_348", 1993, [1, 1, 1, 2, 2, 2, 2, 2, 3, 3])
+    fake_run(tmp_path, "quick_unnormalised_grey_invert_348_novelty0.045_share5_nearest_1993", 41.0, 51.0,
+             [1, 1, 1, 2, 2, 2, 2, 2, 3, 3])
+    csv = tmp_path / "rec.csv"
+    csv.write_text("# measured before\nstream,row,seed,a_last,a_avg,grew,steps_ratio\n"
+                   "grey_invert_348,even5,1993,1.0,2.0,0 2 4 6 8,1.0\n"  # no run at hand: joins
+                   "grey_invert_348,oracle,1993,9.0,9.0,0 3 4 8,\n")  # a run at hand: it wins
+    rows = merged(load_rows(tmp_path, "quick_unnormalised"), load_recorded(csv))
+    by = {r.row: r for r in rows}
+    assert by["even5"].a_last == 1.0 and by["even5"].grew == [0, 2, 4, 6, 8] and by["even5"].shifted == (3, 4, 8)
+    assert by["oracle"].a_last == 40.2 and len([r for r in rows if r.row == "oracle"]) == 1
+    v = verdict(rows, "grey_invert", "novelty0.045_share5_nearest")  # 3 adapters: matched with even3
+    assert v.matched == 1 and abs(v.vs_even_last - 2.0) < 1e-9 and abs(v.vs_oracle_last - 0.8) < 1e-9

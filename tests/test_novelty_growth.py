@@ -166,3 +166,12 @@ def test_nearest_reference_does_not_grow_on_a_return_to_an_earlier_domain(tiny, 
 def test_novelty_reference_needs_the_rule(tiny):
     with pytest.raises(ConfigError, match="'novelty_reference' only applies with 'novelty_threshold'"):
         build_config(dict(tiny, novelty_reference="nearest", **NOVELTY))
+
+
+def test_the_replay_summary_counts_shifted_and_other_tasks():
+    from benchmarks.novelty_decisions import summary
+    rec = [{"task": t} for t in range(1, 10)]
+    out = [dict(reference="nearest", threshold=0.05, shift_tasks=[3, 4, 8], grew_at=[0, 3, 8], records=rec),
+           dict(reference="nearest", threshold=0.05, shift_tasks=[2, 5, 7], grew_at=[0, 2, 3], records=rec),
+           dict(reference="nearest", threshold=0.05, shift_tasks=[], grew_at=[0, 5], records=rec)]
+    assert summary(out).splitlines()[1] == "nearest | 0.05 | 3/6, 1/12, 3.00 | 2.00, [0,5]"
