@@ -70,3 +70,17 @@ def test_recorded_rows_join_the_runs_and_a_run_at_hand_replaces_its_row(tmp_path
     assert by["oracle"].a_last == 40.2 and len([r for r in rows if r.row == "oracle"]) == 1
     v = verdict(rows, "grey_invert", "novelty0.045_share5_nearest")  # 3 adapters: matched with even3
     assert v.matched == 1 and abs(v.vs_even_last - 2.0) < 1e-9 and abs(v.vs_oracle_last - 0.8) < 1e-9
+
+
+def test_a_rule_equal_to_its_schedule_passes_and_steps_come_from_any_stream_of_the_seed(tmp_path):
+    fake_run(tmp_path, "quick_unnormalised_plain_sdlora_1993", 30.0, 40.0, list(range(1, 11)))
+    fake_run(tmp_path, "quick_unnormalised_grey_invert_348_fit0.8_1993", 30.0, 40.0, [1, 1, 1, 2, 2, 2, 2, 2, 3, 3])
+    fake_run(tmp_path, "quick_unnormalised_grey_invert_348_even3_1993", 30.0, 40.0, [1, 1, 1, 2, 2, 2, 3, 3, 3, 3])
+    fake_run(tmp_path, "quick_unnormalised_plain_fit0.8_1993", 30.0, 40.0, [1, 1, 1, 1, 1, 2, 2, 2, 2, 2])
+    fake_run(tmp_path, "quick_unnormalised_plain_even2_1993", 30.0, 40.0, [1, 1, 1, 1, 1, 2, 2, 2, 2, 2])
+    rows = load_rows(tmp_path, "quick_unnormalised")
+    assert all(r.steps_ratio == 1.0 for r in rows)  # the grey rows have no SD-LoRA of their own
+    p = verdict(rows, "plain", "fit0.8")
+    assert p.vs_even_last == 0.0 and all(p.checks().values())  # equal to its schedule: on the curve
+    g = verdict(rows, "grey_invert", "fit0.8").checks()
+    assert g["grows at <= 1 in 3 of the others"] and not g["beats the same-count schedule on A_last"]
