@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Batch runs.
-#   bash run.sh [--key value ...]           SD-LoRA and Gumbel CL-LoRA on CIFAR-100 (published setup), seeds 1993-1997
-#   bash run.sh offline [--key value ...]   the README's growth table on the offline protocol (../shared CIFAR-100
+#   bash run.sh [--key value ...]           SD-LoRA and the shipped growth default (exps/gumbel_c100.json: adapters
+#                                           at tasks 0, 3, 6, reuse between; docs/growth.md) on CIFAR-100 (published
+#                                           setup), seeds 1993-1997
+#   bash run.sh offline [--key value ...]   the growth table on the offline protocol (../shared CIFAR-100
 #                                           npz and ViT-S/14, img 112, 10 tasks, 50 train / 20 test images per class,
 #                                           5 epochs, batch 32): every method and variant of the table
 #   bash run.sh inflora [--key value ...]   InfLoRA beside SD-LoRA on the offline protocol (10 tasks, SEEDS): its own
@@ -34,7 +36,7 @@
 #                                           floor, InfLoRA (Adam 2e-3), SimpleCIL, RanPAC (and with first-session adaptation) on
 #                                           exps/protocols/$PROTOCOL.json (default
 #                                           quick; PROTOCOL=offline gives the same rows on the offline protocol)
-#   bash run.sh scan [--key value ...]      the growth-rule scan on the offline protocol: gumbel_c100.json with
+#   bash run.sh scan [--key value ...]      the growth-rule scan on the offline protocol: gumbel_rule_c100.json with
 #                                           other warm-up / selection lengths and growth costs
 # SEEDS (default "1993 1994") are the seeds of the SD-LoRA and chosen-rule rows (offline) and of every scan row;
 # ONLY=REGEX starts only the runs whose name matches (e.g. ONLY=holdout bash run.sh scan);
@@ -154,7 +156,7 @@ if [ "${1:-}" = "quick" ]; then
     row() { local name=$1; shift; run "${tag}${name}_$seed" "$@" "${Q[@]}" --prefix "${PROTO}_$name" --seed "$seed" "${EXTRA[@]}"; }
     EXTRA=("$@")
     row sdlora --config=exps/sdlora_c100.json
-    row gumbel --config=exps/gumbel_c100.json
+    row gumbel --config=exps/gumbel_rule_c100.json
     row drift0.3 --config=exps/sdlora_c100.json --skip_mode reuse --drift_threshold 0.3
     row sched036 --config=exps/sdlora_c100.json --growth_schedule "[0,3,6]" --skip_mode reuse
     row sched02468 --config=exps/sdlora_c100.json --growth_schedule "[0,2,4,6,8]" --skip_mode reuse
@@ -172,7 +174,7 @@ fi
 
 if [ "${1:-}" = "scan" ]; then
   shift
-  G=(--config=exps/gumbel_c100.json "${P[@]}")
+  G=(--config=exps/gumbel_rule_c100.json "${P[@]}")
   for seed in $SEEDS; do   # name: w = warm-up fraction, p = selection (phase 1) fraction, c = growth cost
     run "scan_w8_c02_$seed"    "${G[@]}" --growth_cost 0.02 --prefix scan_w8_c02 --seed $seed "$@"
     run "scan_w8_c04_$seed"    "${G[@]}" --growth_cost 0.04 --prefix scan_w8_c04 --seed $seed "$@"
@@ -223,7 +225,7 @@ fi
 
 if [ "${1:-}" = "curve" ] || [ "${1:-}" = "shifted" ]; then
   # the growth trade curve (issue: growth that earns its place). Per seed: SD-LoRA; fixed schedules with reuse at
-  # 2, 3, 4 and 5 adapters, evenly spaced (floor(i * 10 / k)); the Gumbel rule (gumbel_c100.json); growth on drift
+  # 2, 3, 4 and 5 adapters, evenly spaced (floor(i * 10 / k)); the Gumbel rule (gumbel_rule_c100.json); growth on drift
   # at DRIFTS thresholds. "shifted": the same rows on the stream whose tasks SHIFT (default [3,4,8]) are
   # greyscale and inverted.
   mode=$1; shift
@@ -245,7 +247,7 @@ if [ "${1:-}" = "curve" ] || [ "${1:-}" = "shifted" ]; then
       run "${tag}_sched${st}_$seed" "${S[@]}" --growth_schedule "[$sched]" --skip_mode reuse --prefix "${tag}_sched${st}" \
           --seed $seed "$@"
     done
-    run "${tag}_gumbel_$seed" --config=exps/gumbel_c100.json "${P[@]}" "${X[@]}" --prefix "${tag}_gumbel" --seed $seed "$@"
+    run "${tag}_gumbel_$seed" --config=exps/gumbel_rule_c100.json "${P[@]}" "${X[@]}" --prefix "${tag}_gumbel" --seed $seed "$@"
     for th in $DRIFTS; do
       run "${tag}_drift${th}_$seed" "${S[@]}" --skip_mode reuse --drift_threshold "$th" --prefix "${tag}_drift${th}" \
           --seed $seed "$@"
@@ -372,7 +374,7 @@ if [ "${1:-}" = "need" ]; then  # growth on need (docs/growth.md): the rules aga
           --prefix "${PROTO}_${tag}_$name" --seed "$seed" "${EXTRA[@]}"
     }
     row sdlora - sdlora "${sd[@]}"
-    row gumbel - gumbel --config=exps/gumbel_c100.json
+    row gumbel - gumbel --config=exps/gumbel_rule_c100.json
     for t in $NEEDS; do row "need$t" sdlora "need$t" "${sd[@]}" --skip_mode reuse --need_threshold "$t"; done
     for t in $FITS; do
       row "fit$t" sdlora "fit$t" "${sd[@]}" --skip_mode reuse --need_threshold "$t" --need_signal fit
@@ -423,13 +425,15 @@ if [ "${1:-}" = "offline" ]; then
   shift
   for seed in $SEEDS; do
     run "sdlora_$seed"         --config=exps/sdlora_c100.json "${P[@]}" --seed $seed "$@"
-    run "gumbel_chosen_$seed"  --config=exps/gumbel_c100.json "${P[@]}" --seed $seed "$@"
+    run "gumbel_chosen_$seed"  --config=exps/gumbel_rule_c100.json "${P[@]}" --seed $seed "$@"
+    run "growth_$seed"         --config=exps/gumbel_c100.json "${P[@]}" --seed $seed "$@"  # the shipped default
+    run "novelty_$seed"        --config=exps/novelty_c100.json "${P[@]}" --seed $seed "$@"  # growth on novelty
   done
   if [ "${SINGLE_SEED_ROWS:-1}" = 1 ]; then  # the rows run on seed 1993 alone (SINGLE_SEED_ROWS=0 skips them)
     OLD=(--skip_mode none --retrain none --cost_by_share false --growth_cost 0.08)  # the rules before reuse
-    run gumbel_v2_1993           --config=exps/gumbel_c100.json "${P[@]}" "${OLD[@]}" --warmup_fraction 0.6 \
+    run gumbel_v2_1993           --config=exps/gumbel_rule_c100.json "${P[@]}" "${OLD[@]}" --warmup_fraction 0.6 \
                                  --growth_threshold 1e-6 --prefix gumbel_v2 --seed 1993 "$@"
-    run gumbel_v3_1993           --config=exps/gumbel_c100.json "${P[@]}" "${OLD[@]}" --warmup_fraction 0.8 \
+    run gumbel_v3_1993           --config=exps/gumbel_rule_c100.json "${P[@]}" "${OLD[@]}" --warmup_fraction 0.8 \
                                  --prefix gumbel_v3 --seed 1993 "$@"
     run sdlora_rr                --config=exps/sdlora_c100.json "${P[@]}" --model_name sdlora_rr --prefix sdlora_rr "$@"
     run sdlora_kd                --config=exps/sdlora_c100.json "${P[@]}" --model_name sdlora_kd --prefix sdlora_kd \

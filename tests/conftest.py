@@ -54,3 +54,15 @@ def resumed_and_uninterrupted(cfg: dict, tmp_path: Path, cut: int = 2, tasks: in
     assert main(["--resume", str(part), "--max_tasks", str(tasks)]) == 0
     (full,) = (tmp_path / "full").iterdir()
     return tuple(json.loads((d / "metrics.json").read_text()) for d in (part, full))
+
+
+def learner_for(tiny: dict, tmp_path, **over):
+    """An SD-LoRA learner on the tiny config with ``over`` laid over it, and its data manager (seed 7)."""
+    import torch
+
+    from main import make_data_manager
+    from models.sdlora import SDLoRA
+    from utils.config import build_config
+    from utils.data.datasets import load_dataset
+    cfg = build_config(dict(tiny, **over))
+    return SDLoRA(cfg, torch.device("cpu"), Path(tmp_path), seed=7), make_data_manager(cfg, load_dataset(cfg), 7)

@@ -6,20 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from main import main, make_data_manager
-from tests.conftest import resumed_and_uninterrupted
+from main import main
+from tests.conftest import learner_for, resumed_and_uninterrupted
 from models.need_growth import NeedGrowth
-from models.sdlora import SDLoRA
 from utils.config import ConfigError, build_config
 from utils.data.data_manager import DataManager, shift_appearance, split_per_class
-from utils.data.datasets import SplitData, load_dataset
+from utils.data.datasets import SplitData
 
 NEED = dict(model_name="sdlora", skip_mode="reuse", epochs=3, trial_epochs=1)
-
-
-def learner_for(tiny, tmp_path, **over):
-    cfg = build_config(dict(tiny, **over))
-    return SDLoRA(cfg, torch.device("cpu"), Path(tmp_path), seed=7), make_data_manager(cfg, load_dataset(cfg), 7)
 
 
 @pytest.mark.parametrize("over, match", [

@@ -1,25 +1,15 @@
 """Growth on novelty (novelty_threshold, max_share): token statistics of the pretrained backbone, the standardised
 shift against the latest adapter's tasks, and a decision taken before any training."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from main import make_data_manager
 from models.novelty_growth import NoveltyGrowth, standardised_shift
-from models.sdlora import SDLoRA
-from tests.conftest import resumed_and_uninterrupted
+from tests.conftest import learner_for, resumed_and_uninterrupted
 from utils.config import ConfigError, build_config
-from utils.data.datasets import load_dataset
 from utils.io import load_tensors
 
 NOVELTY = dict(model_name="sdlora", skip_mode="reuse", epochs=2)
-
-
-def learner_for(tiny, tmp_path, **over):
-    cfg = build_config(dict(tiny, **over))
-    return SDLoRA(cfg, torch.device("cpu"), Path(tmp_path), seed=7), make_data_manager(cfg, load_dataset(cfg), 7)
 
 
 @pytest.mark.parametrize("over, match", [

@@ -206,7 +206,8 @@ def growth_signal(run: Run) -> Optional[tuple[str, dict[int, float], dict[int, b
     for key, name in (("gain", "held-out gain of a new adapter over reuse (nats)"),
                       ("fit", "held-out loss of reuse over ln(classes) (1 = chance)"),
                       ("drift", "drift of the earlier classes' logits under reuse"),
-                      ("novelty", "novelty: mean token shift from the latest adapter's tasks (pretrained features)")):
+                      ("novelty", f"novelty: mean token shift from the {run.config.get('novelty_reference') or 'latest'}"
+                                  " adapter's tasks (pretrained features)")):
         if growth and key in growth[0]:
             return name, {g["task"]: g[key] for g in growth}, {g["task"]: bool(g["grow"]) for g in growth}
     probes = {t: r["loss_without"] - r["loss_with"] for t, r in enumerate(run.gate) if "loss_with" in r}
