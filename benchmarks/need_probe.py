@@ -91,7 +91,7 @@ def token_stats(learner, ds: TaskDataset, blocks: list[int]) -> dict[int, tuple[
 
 
 def novelty_table(learner, dm: DataManager, kinds: list[str], blocks: list[int]) -> list[dict]:
-    from models.novelty_growth import standardised_shift
+    from models.novelty_growth import novelty_from
     cols = [None] + kinds
     stats = {(t, k): token_stats(learner, shown_as(dm.train_set(t, learner.test_tf), k), blocks)
              for t in range(dm.n_tasks) for k in cols}
@@ -100,9 +100,7 @@ def novelty_table(learner, dm: DataManager, kinds: list[str], blocks: list[int])
     for t in range(1, dm.n_tasks):
         row = {"task": t}
         for k in cols:
-            row[k or "plain"] = [standardised_shift(stats[(t, k)][b][0],
-                                                    torch.stack([stats[(s, None)][b][0] for s in range(t)]).mean(0),
-                                                    torch.stack([stats[(s, None)][b][1] for s in range(t)]).mean(0))
+            row[k or "plain"] = [novelty_from(stats[(t, k)][b][0], [stats[(s, None)][b] for s in range(t)])
                                  for b in blocks]
         rows.append(row)
         print(f"{t} | " + " | ".join(" / ".join(f"{v:.4f}" for v in row[k or "plain"]) for k in cols), flush=True)

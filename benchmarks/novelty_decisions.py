@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.need_probe import shown_as, token_stats  # noqa: E402
 from models import get_learner  # noqa: E402
-from models.novelty_growth import standardised_shift  # noqa: E402
+from models.novelty_growth import novelty_from  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.config.reading import parse_overrides  # noqa: E402
 from utils.data.data_manager import DataManager  # noqa: E402
@@ -34,10 +34,8 @@ Stats = tuple[torch.Tensor, torch.Tensor]  # mean and variance of the tokens, (N
 
 
 def novelty_against(stats: list[Stats], task: int, tasks: list[int]) -> float:
-    """The rule's signal: task's mean token against the pooled statistics of ``tasks``."""
-    ref_mean = torch.stack([stats[s][0] for s in tasks]).mean(0)
-    ref_var = torch.stack([stats[s][1] for s in tasks]).mean(0)
-    return standardised_shift(stats[task][0], ref_mean, ref_var)
+    """The rule's signal (models/novelty_growth.py): task's mean token against the pooled statistics of ``tasks``."""
+    return novelty_from(stats[task][0], [stats[s] for s in tasks])
 
 
 def replay(stats: list[Stats], threshold: float, max_share: int | None, reference: str = "latest") -> list[dict]:

@@ -32,6 +32,14 @@ def standardised_shift(mean: torch.Tensor, ref_mean: torch.Tensor, ref_var: torc
     return float(((mean - ref_mean)[keep] ** 2 / ref_var[keep]).double().mean())
 
 
+def novelty_from(mean: torch.Tensor, refs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """The rule's signal: a task's mean token against the pooled statistics (mean of the means, mean of the
+    variances) of the reference tasks ``refs``, each a (mean, var) pair."""
+    ref_mean = torch.stack([m for m, _ in refs]).mean(0)
+    ref_var = torch.stack([v for _, v in refs]).mean(0)
+    return standardised_shift(mean, ref_mean, ref_var)
+
+
 class NoveltyGrowth:
     """The rule above for one learner (``models/sdlora.py``); ``train_task`` replaces its single fit."""
 
@@ -86,10 +94,8 @@ class NoveltyGrowth:
 
     def novelty_against(self, task: int, adapter: int) -> float:
         """The task's standardised mean token shift from the pooled statistics of the tasks ``adapter`` served."""
-        ref = [self.stats_of(t) for t in self.served(adapter)]
-        mean = torch.stack([s["mean"] for s in ref]).mean(0)
-        var = torch.stack([s["var"] for s in ref]).mean(0)
-        return standardised_shift(self.stats_of(task)["mean"], mean, var)
+        refs = [(s["mean"], s["var"]) for s in map(self.stats_of, self.served(adapter))]
+        return novelty_from(self.stats_of(task)["mean"], refs)
 
     def novelty(self, task: int, latest: int) -> tuple[float, int]:
         """The novelty the decision reads, and the adapter whose tasks gave it (the latest, or the nearest)."""
