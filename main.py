@@ -38,8 +38,9 @@ EXIT_WRITE_FAILED = 74  # sysexits EX_IOERR: a file could not be written (full d
 EXIT_BUSY = 75          # sysexits EX_TEMPFAIL: the run folder is held by a process still training it
 
 
-class Terminated(Exception):
-    """SIGTERM arrived: stop like Ctrl-C, with the completed tasks saved."""
+class Terminated(BaseException):
+    """SIGTERM arrived: stop like Ctrl-C, with the completed tasks saved. A BaseException, as KeyboardInterrupt
+    is, so no ``except Exception`` on the way (logging's emit, a data loader) can swallow it."""
 
 
 def _on_sigterm(signum, frame):

@@ -1,6 +1,7 @@
 """Runs that survive being killed: SIGKILL or SIGTERM in the middle of a task, then --resume, gives the
 metrics (and Gumbel mask and beta records) of an uninterrupted run, with no half-written file."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -36,17 +37,21 @@ def tasks_done(log_dir: Path) -> int:
 
 
 def kill_in_task_1(cfg: Path, log_dir: Path, sig: int) -> tuple[Path, subprocess.CompletedProcess]:
+    """Start the run and send ``sig`` when its log shows task 1's first epoch (11 more to go): keyed to the
+    log, not to a clock, so a fast machine cannot finish task 1 before the signal lands."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), f"--config={cfg}"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while tasks_done(log_dir) < 1:
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first task was saved"
-        time.sleep(0.02)
-    time.sleep(0.3)  # well inside task 1 (12 epochs)
+    seen = []
+    for line in proc.stdout:  # the logger flushes every record
+        seen.append(line)
+        if re.search(r"Task 1\b[^>]*Epoch 1/", line):
+            break
+    else:
+        raise AssertionError("the run ended before task 1 began:\n" + "".join(seen[-20:]))
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     (run_dir,) = log_dir.iterdir()
-    return run_dir, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_dir, subprocess.CompletedProcess(proc.args, proc.returncode, "".join(seen) + out, err)
 
 
 @pytest.mark.parametrize("sig, extra", [(signal.SIGKILL, {}), (signal.SIGKILL, GROW), (signal.SIGTERM, {})],
