@@ -24,13 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.need_probe import shown_as, token_stats  # noqa: E402
 from models import get_learner  # noqa: E402
-from models.novelty_growth import novelty_from  # noqa: E402
+from models.novelty_growth import Stats, decide, novelty_from  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.config.reading import parse_overrides  # noqa: E402
 from utils.data.data_manager import DataManager  # noqa: E402
 from utils.data.datasets import load_dataset  # noqa: E402
-
-Stats = tuple[torch.Tensor, torch.Tensor]  # mean and variance of the tokens, (N tokens, d)
 
 
 def novelty_against(stats: list[Stats], task: int, tasks: list[int]) -> float:
@@ -39,17 +37,16 @@ def novelty_against(stats: list[Stats], task: int, tasks: list[int]) -> float:
 
 
 def replay(stats: list[Stats], threshold: float, max_share: int | None, reference: str = "latest") -> list[dict]:
-    """The rule on one stream: task 0 owns adapter 0; task t >= 1 grows if its novelty exceeds ``threshold`` or
-    the latest adapter already serves ``max_share`` tasks, else it joins the latest adapter's tasks. The novelty is
-    against the latest adapter's tasks (``reference`` "latest") or the least over every adapter's ("nearest")."""
-    groups, records = [[0]], []
+    """The rule on one stream, with the run's own ``decide``: task 0 owns adapter 0; task t >= 1 grows if its
+    novelty exceeds ``threshold`` or the latest adapter already serves ``max_share`` tasks, else it joins the latest
+    adapter's tasks. The novelty is against the latest adapter's tasks (``reference`` "latest") or the least over
+    every adapter's ("nearest")."""
+    groups, records = [[0]], []  # per adapter, the tasks it served; the last is the latest adapter
     for t in range(1, len(stats)):
-        against = groups[-1:] if reference == "latest" else groups
-        novelty = min(novelty_against(stats, t, g) for g in against)
-        full = max_share is not None and len(groups[-1]) >= max_share
-        grow = novelty > threshold or full
-        records.append({"task": t, "novelty": novelty, "served": len(groups[-1]), "full": full, "grow": grow})
-        if grow:
+        served = {a: [stats[s] for s in g] for a, g in enumerate(groups)}
+        d = decide(stats[t][0], served, len(groups) - 1, threshold, max_share, reference)
+        records.append({"task": t, **{k: d[k] for k in ("novelty", "served", "full", "grow")}})
+        if d["grow"]:
             groups.append([t])
         else:
             groups[-1].append(t)

@@ -40,6 +40,22 @@ def novelty_from(mean: torch.Tensor, refs: list[tuple[torch.Tensor, torch.Tensor
     return standardised_shift(mean, ref_mean, ref_var)
 
 
+Stats = tuple[torch.Tensor, torch.Tensor]  # a task's token mean and variance, (N tokens, d)
+
+
+def decide(mean: torch.Tensor, served: dict[int, list[Stats]], latest: int, threshold: float,
+           max_share: int | None, reference: str) -> dict:
+    """The rule's decision for a task of token mean ``mean``, given the statistics of the tasks each adapter
+    ``served`` (adapter -> its tasks' stats) and the ``latest`` adapter, the one a reuse reopens. One function for
+    the run and for its replay (benchmarks/novelty_decisions.py), so the two cannot drift apart."""
+    against = [latest] if reference == "latest" else sorted(served)
+    novelty, nearest = min((novelty_from(mean, served[a]), a) for a in against)
+    share = len(served[latest])
+    full = max_share is not None and share >= max_share
+    return {"novelty": novelty, "nearest": nearest, "served": share, "full": full,
+            "grow": novelty > threshold or full}
+
+
 class NoveltyGrowth:
     """The rule above for one learner (``models/sdlora.py``); ``train_task`` replaces its single fit."""
 
@@ -92,26 +108,21 @@ class NoveltyGrowth:
         by = self.learner.net.backbone.served_by
         return sorted([adapter] + [t for t, a in by.items() if a == adapter])
 
-    def novelty_against(self, task: int, adapter: int) -> float:
-        """The task's standardised mean token shift from the pooled statistics of the tasks ``adapter`` served."""
-        refs = [(s["mean"], s["var"]) for s in map(self.stats_of, self.served(adapter))]
-        return novelty_from(self.stats_of(task)["mean"], refs)
-
-    def novelty(self, task: int, latest: int) -> tuple[float, int]:
-        """The novelty the decision reads, and the adapter whose tasks gave it (the latest, or the nearest)."""
-        if self.learner.cfg.novelty_reference == "latest":
-            return self.novelty_against(task, latest), latest
-        adapters = [a for a in self.learner.net.backbone.gate.active_tasks() if a < task]
-        return min((self.novelty_against(task, a), a) for a in adapters)
+    def decide(self, task: int, latest: int) -> dict:
+        """``decide`` over this run's adapters: the latest for "latest", every one so far for "nearest"."""
+        c = self.learner.cfg
+        adapters = ([latest] if c.novelty_reference == "latest"
+                    else [a for a in self.learner.net.backbone.gate.active_tasks() if a < task])
+        served = {a: [(s["mean"], s["var"]) for s in map(self.stats_of, self.served(a))] for a in adapters}
+        return decide(self.stats_of(task)["mean"], served, latest, c.novelty_threshold, c.max_share,
+                      c.novelty_reference)
 
     def train_task(self, task: int, loader: DataLoader, latest: int) -> dict:
         """Measure, decide, then train the task's own adapter or the reopened one for every epoch."""
         lr, c = self.learner, self.learner.cfg
         self.observe(task, loader)
-        novelty, nearest = self.novelty(task, latest)
-        share = len(self.served(latest))
-        full = c.max_share is not None and share >= c.max_share
-        grow = novelty > c.novelty_threshold or full
+        d = self.decide(task, latest)
+        novelty, nearest, share, full, grow = d["novelty"], d["nearest"], d["served"], d["full"], d["grow"]
         record = {"task": task, "reopened": latest, "threshold": c.novelty_threshold, "novelty": novelty,
                   "reference": c.novelty_reference, "nearest": nearest, "served": share, "full": full, "grow": grow}
         if not grow:
