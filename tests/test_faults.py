@@ -167,6 +167,7 @@ def test_a_second_resume_of_a_folder_still_training_is_refused(tmp_path, capsys)
         while tasks_done(log_dir) < 1:
             assert proc.poll() is None and time.time() < deadline
             time.sleep(0.02)
+        proc.send_signal(signal.SIGSTOP)  # frozen inside task 1, lock held: no race with a fast machine
         (run_dir,) = log_dir.iterdir()
         assert main(["--resume", str(run_dir)]) == EXIT_BUSY
         err = capsys.readouterr().err
