@@ -14,7 +14,8 @@
 #   bash run.sh need [--key value ...]      growth on need: SD-LoRA, the Gumbel rule, need_threshold at NEEDS (gain)
 #                                           and FITS (need_signal fit), novelty_threshold at NOVELTIES (alone and
 #                                           with max_share at each of SHARES; REFS "latest nearest": against
-#                                           the latest adapter's tasks or the nearest adapter's), the evenly
+#                                           the latest adapter's tasks or the nearest adapter's; nearest_reopen:
+#                                           reopening the nearest adapter too), the evenly
 #                                           spaced schedules with 2-5 adapters (reuse), and on shifted streams the
 #                                           oracle schedule, on PROTOCOL (default quick_unnormalised), SEEDS; STREAMS
 #                                           "plain shifted", KINDS "grey_invert patch_shuffle", PLACEMENTS "3,4,8 2,5,7 1,6,9"
@@ -351,7 +352,7 @@ if [ "${1:-}" = "need" ]; then  # growth on need (docs/growth.md): the rules aga
   FITS=${FITS-0.8}  # need_signal "fit": the reuse trial's held-out loss over ln(classes), 0.8 from plain CIFAR
   NOVELTIES=${NOVELTIES-0.045}  # growth on novelty (novelty_threshold), and with max_share at each of SHARES
   SHARES=${SHARES-5}
-  REFS=${REFS-latest nearest}  # novelty_reference of the novelty rows
+  REFS=${REFS-latest nearest}  # novelty_reference of the novelty rows (nearest_reopen: nearest, novelty_reopen nearest)
   EVENS=${EVENS-2 3 4 5}  # the evenly spaced schedules, by adapter count
   FORK=${FORK:-1}
   Q=(--protocol "exps/protocols/$PROTO.json" --data_path "$SHARED/data/cifar100/cifar100.npz"
@@ -380,13 +381,16 @@ if [ "${1:-}" = "need" ]; then  # growth on need (docs/growth.md): the rules aga
       row "fit$t" sdlora "fit$t" "${sd[@]}" --skip_mode reuse --need_threshold "$t" --need_signal fit
     done
     for t in $NOVELTIES; do
-      for r in $REFS; do  # novelty_reference: rows named novelty$t (latest) or novelty${t}_nearest
-        local sfx=$([ "$r" = latest ] || echo "_$r")
-        row "novelty$t$sfx" sdlora "novelty$t$sfx" "${sd[@]}" --skip_mode reuse --novelty_threshold "$t" \
-            --novelty_reference "$r"
+      for r in $REFS; do  # rows novelty$t (latest), novelty${t}_nearest, novelty${t}_nearest_reopen
+        local sfx=$([ "$r" = latest ] || echo "_$r") R=(--novelty_reference "${r%_reopen}") up=""
+        # nearest_reopen: a task that does not grow reopens the nearest adapter (novelty_reopen). Its shifted rows
+        # fork the plain "nearest" row when the first shift k <= 5: before task 5 only adapter 0 exists, so
+        # the two made the same decisions on tasks 0..k-1
+        if [ "$r" = nearest_reopen ]; then R+=(--novelty_reopen nearest); [ -n "$shifted" ] && [ "$k" -le 5 ] && up=_nearest; fi
+        row "novelty$t$sfx" sdlora "novelty$t${up:-$sfx}" "${sd[@]}" --skip_mode reuse --novelty_threshold "$t" "${R[@]}"
         for s in $SHARES; do
-          row "novelty${t}_share$s$sfx" sdlora "novelty${t}_share$s$sfx" "${sd[@]}" --skip_mode reuse \
-              --novelty_threshold "$t" --max_share "$s" --novelty_reference "$r"
+          row "novelty${t}_share$s$sfx" sdlora "novelty${t}_share$s${up:-$sfx}" "${sd[@]}" --skip_mode reuse \
+              --novelty_threshold "$t" --max_share "$s" "${R[@]}"
         done
       done
     done

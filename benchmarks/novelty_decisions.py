@@ -36,25 +36,35 @@ def novelty_against(stats: list[Stats], task: int, tasks: list[int]) -> float:
     return novelty_from(stats[task][0], [stats[s] for s in tasks])
 
 
-def replay(stats: list[Stats], threshold: float, max_share: int | None, reference: str = "latest") -> list[dict]:
+def replay(stats: list[Stats], threshold: float, max_share: int | None, reference: str = "latest",
+           reopen: str = "latest") -> list[dict]:
     """The rule on one stream, with the run's own ``decide``: task 0 owns adapter 0; task t >= 1 grows if its
-    novelty exceeds ``threshold`` or the latest adapter already serves ``max_share`` tasks, else it joins the latest
-    adapter's tasks. The novelty is against the latest adapter's tasks (``reference`` "latest") or the least over
-    every adapter's ("nearest")."""
-    groups, records = [[0]], []  # per adapter, the tasks it served; the last is the latest adapter
+    novelty exceeds ``threshold`` or the adapter it would reopen already serves ``max_share`` tasks, else it
+    joins that adapter's tasks (the latest adapter's, or with ``reopen`` "nearest" the nearest one's). The novelty
+    is against the latest adapter's tasks (``reference`` "latest") or the least over every adapter's ("nearest")."""
+    groups, records = {0: [0]}, []  # adapter (the task that made it) -> the tasks it served
     for t in range(1, len(stats)):
-        served = {a: [stats[s] for s in g] for a, g in enumerate(groups)}
-        d = decide(stats[t][0], served, len(groups) - 1, threshold, max_share, reference)
-        records.append({"task": t, **{k: d[k] for k in ("novelty", "served", "full", "grow")}})
+        served = {a: [stats[s] for s in g] for a, g in groups.items()}
+        d = decide(stats[t][0], served, max(groups), threshold, max_share, reference, reopen)
+        records.append({"task": t, **{k: d[k] for k in ("novelty", "nearest", "reopened", "served", "full", "grow")}})
         if d["grow"]:
-            groups.append([t])
+            groups[t] = [t]
         else:
-            groups[-1].append(t)
+            groups[d["reopened"]].append(t)
     return records
 
 
 def grew_at(records: list[dict]) -> list[int]:
     return [0] + [r["task"] for r in records if r["grow"]]
+
+
+def owners(records: list[dict]) -> list[int]:
+    """The adapter each task trained: its own where it grew, else the one it reopened."""
+    return [0] + [r["task"] if r["grow"] else r["reopened"] for r in records]
+
+
+#: The variants --reference names: (novelty_reference, novelty_reopen).
+VARIANTS = {"latest": ("latest", "latest"), "nearest": ("nearest", "latest"), "nearest_reopen": ("nearest", "nearest")}
 
 
 def seed_stats(cfg, seed: int, kinds: list[str], cache: Path | None = None) -> dict[str | None, list[Stats]]:
@@ -110,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--placements", nargs="*", default=["3,4,8", "2,5,7", "1,6,9"])
     ap.add_argument("--thresholds", nargs="+", type=float, default=[0.045])
     ap.add_argument("--max_share", type=int, default=None)
-    ap.add_argument("--reference", nargs="+", choices=["latest", "nearest"], default=["latest"],
-                    help="novelty against the latest adapter's tasks, or the least over every adapter's")
+    ap.add_argument("--reference", nargs="+", choices=list(VARIANTS), default=["latest"],
+                    help="novelty against the latest adapter's tasks, or the least over every adapter's, reopening "
+                         "the latest (nearest) or the nearest adapter (nearest_reopen: novelty_reopen nearest)")
     ap.add_argument("--cache", type=Path, help="keep each seed's token statistics here (they depend on the "
                     "protocol, data, weights and seed only)")
     ap.add_argument("--json", type=Path, help="write every stream's records here as well")
@@ -122,23 +133,23 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, dict(overrides, shift_tasks=[]))
     out = []
     print("seed | stream | reference | threshold | grew at | adapters | shifted grown | others grown "
-          "| novelty per task")
+          "| adapter trained per task | novelty per task")
     for seed in args.seeds:
         cols = seed_stats(cfg, seed, args.kinds, args.cache)
         streams = [("plain", None, [])] + [(f"{k}_{p.replace(',', '')}", k, [int(t) for t in p.split(",")])
                                             for k in args.kinds for p in args.placements]
         for name, kind, shifted in streams:
             for ref, thr in [(r, t) for r in args.reference for t in args.thresholds]:
-                rec = replay(stream(cols, kind, shifted), thr, args.max_share, ref)
+                rec = replay(stream(cols, kind, shifted), thr, args.max_share, *VARIANTS[ref])
                 at = grew_at(rec)
                 others = [t for t in range(1, len(rec) + 1) if t not in shifted]
                 hit = f"{sum(t in at for t in shifted)}/{len(shifted)}" if shifted else "-"
                 grown = f"{sum(t in at for t in others)}/{len(others)}"
-                print(f"{seed} | {name} | {ref} | {thr} | {at} | {len(at)} | {hit} | {grown}"
+                print(f"{seed} | {name} | {ref} | {thr} | {at} | {len(at)} | {hit} | {grown} | {owners(rec)}"
                       f" | {' '.join(format(r['novelty'], '.3f') for r in rec)}", flush=True)
                 out.append({"seed": seed, "stream": name, "shift_kind": kind, "shift_tasks": shifted,
                             "reference": ref, "threshold": thr, "max_share": args.max_share, "grew_at": at,
-                            "records": rec})
+                            "owners": owners(rec), "records": rec})
     print(summary(out))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

@@ -11,7 +11,9 @@ the reference is the average of those statistics over the tasks the latest adapt
 the task's mean token shift in units of the reference's spread. With ``novelty_reference: "nearest"`` the
 novelty is the least of that over every adapter so far (each against the tasks it served): a task like the
 tasks of any earlier adapter, e.g. a return to an earlier domain, is not novel. novelty > threshold, or k already serves
-``max_share`` tasks: a new adapter; else k is reopened and trains on the task. There is no trial: a task costs
+``max_share`` tasks: a new adapter; else k is reopened and trains on the task. With ``novelty_reopen:
+"nearest"`` k is the adapter the novelty was least against instead of the latest: a return to an earlier domain
+trains that domain's adapter, not the one the stream left. There is no trial: a task costs
 SD-LoRA's steps and one forward pass over its images. A task of new classes from the same image domain moves the
 mean token little; a change of appearance or layout moves it far (docs/growth.md measures both, block by block).
 Every decision is written to ``growth_task_{t}.pt`` and metrics.json's ``growth``.
@@ -44,16 +46,27 @@ Stats = tuple[torch.Tensor, torch.Tensor]  # a task's token mean and variance, (
 
 
 def decide(mean: torch.Tensor, served: dict[int, list[Stats]], latest: int, threshold: float,
-           max_share: int | None, reference: str) -> dict:
+           max_share: int | None, reference: str, reopen: str = "latest") -> dict:
     """The rule's decision for a task of token mean ``mean``, given the statistics of the tasks each adapter
-    ``served`` (adapter -> its tasks' stats) and the ``latest`` adapter, the one a reuse reopens. One function for
-    the run and for its replay (benchmarks/novelty_decisions.py), so the two cannot drift apart."""
+    ``served`` (adapter -> its tasks' stats) and the ``latest`` adapter. A reuse reopens the latest adapter, or
+    with ``reopen`` "nearest" the nearest one (least novelty) among those within the threshold that are not full;
+    a task grows when its novelty exceeds the threshold or the adapter(s) it could reopen serve ``max_share``
+    tasks already. One function for the run and for its replay (benchmarks/novelty_decisions.py), so the two
+    cannot drift apart."""
     against = [latest] if reference == "latest" else sorted(served)
-    novelty, nearest = min((novelty_from(mean, served[a]), a) for a in against)
-    share = len(served[latest])
-    full = max_share is not None and share >= max_share
-    return {"novelty": novelty, "nearest": nearest, "served": share, "full": full,
-            "grow": novelty > threshold or full}
+    novelties = {a: novelty_from(mean, served[a]) for a in against}
+    nearest = min(against, key=lambda a: (novelties[a], a))
+    novelty = novelties[nearest]
+    room = [a for a in against if max_share is None or len(served[a]) < max_share]
+    if reopen == "nearest":
+        fits = [a for a in room if novelties[a] <= threshold]
+        reopened = min(fits, key=lambda a: (novelties[a], a)) if fits else nearest
+        full = novelty <= threshold and not fits
+    else:
+        reopened = latest
+        full = latest not in room
+    return {"novelty": novelty, "nearest": nearest, "reopened": reopened, "served": len(served[reopened]),
+            "full": full, "grow": novelty > threshold or full}
 
 
 class NoveltyGrowth:
@@ -115,23 +128,24 @@ class NoveltyGrowth:
                     else [a for a in self.learner.net.backbone.gate.active_tasks() if a < task])
         served = {a: [(s["mean"], s["var"]) for s in map(self.stats_of, self.served(a))] for a in adapters}
         return decide(self.stats_of(task)["mean"], served, latest, c.novelty_threshold, c.max_share,
-                      c.novelty_reference)
+                      c.novelty_reference, c.novelty_reopen)
 
     def train_task(self, task: int, loader: DataLoader, latest: int) -> dict:
         """Measure, decide, then train the task's own adapter or the reopened one for every epoch."""
         lr, c = self.learner, self.learner.cfg
         self.observe(task, loader)
         d = self.decide(task, latest)
-        novelty, nearest, share, full, grow = d["novelty"], d["nearest"], d["served"], d["full"], d["grow"]
-        record = {"task": task, "reopened": latest, "threshold": c.novelty_threshold, "novelty": novelty,
+        novelty, nearest, k, share, full, grow = (d[key] for key in ("novelty", "nearest", "reopened", "served",
+                                                                        "full", "grow"))
+        record = {"task": task, "reopened": k, "threshold": c.novelty_threshold, "novelty": novelty,
                   "reference": c.novelty_reference, "nearest": nearest, "served": share, "full": full, "grow": grow}
         if not grow:
-            skip_adapter(lr.net.backbone, task, reuse=True)
-        why = f"adapter {latest} serves {share} task(s), the most allowed" if full else f"threshold {c.novelty_threshold}"
+            skip_adapter(lr.net.backbone, task, reuse=True, adapter=k)
+        why = f"adapter {k} serves {share} task(s), the most allowed" if full else f"threshold {c.novelty_threshold}"
         log.info(f"[Novelty growth] Task {task}: novelty {novelty:.4f} against the tasks of adapter {nearest} ({why}): "
-                 + ("new adapter" if grow else f"adapter {latest} goes on serving"))
+                 + ("new adapter" if grow else f"adapter {k} goes on serving"))
         lr.fit(task, loader, lr.param_groups(), lr.epochs(task),
-               desc=f"Task {task} ({'new adapter' if grow else f'reusing adapter {latest}'})")
+               desc=f"Task {task} ({'new adapter' if grow else f'reusing adapter {k}'})")
         record["trained_adapter"] = lr.net.backbone.owner(task)
         save_torch(lr.run_dir / f"growth_task_{task}.pt", record)
         return record

@@ -17,11 +17,11 @@ def latest_adapter_before(backbone: LoRAViT, task: int) -> Optional[int]:
     return earlier[-1] if earlier else None
 
 
-def skip_adapter(backbone: LoRAViT, task: int, reuse: bool) -> None:
-    """Task ``task`` keeps no adapter of its own: it leaves the forward pass for good; with ``reuse`` the
-    latest earlier active adapter trains again in its place."""
+def skip_adapter(backbone: LoRAViT, task: int, reuse: bool, adapter: Optional[int] = None) -> None:
+    """Task ``task`` keeps no adapter of its own: it leaves the forward pass for good; with ``reuse`` an earlier
+    active adapter trains again in its place: ``adapter``, or by default the latest."""
     backbone.gate.prune([task])
-    latest = latest_adapter_before(backbone, task)
+    latest = latest_adapter_before(backbone, task) if adapter is None else adapter
     if reuse and latest is not None:
         backbone.serve(task, latest)
         backbone.reopen(latest)

@@ -43,11 +43,15 @@ def _check(cfg, raw: dict) -> list[str]:
                     "trial is the first part of a task")
     rules = {"trial_epochs": ("drift_threshold", "need_threshold"), "probe_images": ("drift_threshold",),
              "need_holdout": ("need_threshold",), "need_signal": ("need_threshold",),
-             "max_share": ("novelty_threshold",), "novelty_reference": ("novelty_threshold",)}
+             "max_share": ("novelty_threshold",), "novelty_reference": ("novelty_threshold",),
+             "novelty_reopen": ("novelty_threshold",)}
     for key, names in rules.items():
         if all(getattr(cfg, n) is None for n in names) and raw.get(key, getattr(DEFAULTS, key)) != getattr(DEFAULTS, key):
             errs.append(f"config key '{key}' only applies with " + " or ".join(f"'{n}'" for n in names)
                         + f" set; remove it or set {names[-1]}")
+    if cfg.novelty_reopen == "nearest" and cfg.novelty_reference != "nearest":
+        errs.append("config key 'novelty_reopen' = \"nearest\" reopens the adapter the novelty was least against; "
+                    "it needs \"novelty_reference\": \"nearest\" (with \"latest\" that adapter is the latest)")
     return errs + sublora.check_keys(cfg, raw)
 
 

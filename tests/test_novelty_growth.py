@@ -151,6 +151,50 @@ def test_nearest_reference_does_not_grow_on_a_return_to_an_earlier_domain(tiny, 
         assert got[1]["nearest"] == (0 if reference == "nearest" else 1) and got[1]["reopened"] == 1
 
 
+def test_reopen_nearest_trains_the_adapter_of_the_tasks_domain(tiny, tmp_path):
+    """Tasks 1 and 3 shifted, 0 and 2 plain. With novelty_reopen "nearest", plain task 2 reopens task 0's adapter
+    and shifted task 3 reopens task 1's (reopening the latest would train adapter 1 on both); each reopened
+    adapter's factors move in its task and the other's do not; the records equal the replay; a run stopped after
+    task 2 and resumed makes task 3's decision as the uninterrupted run does."""
+    from benchmarks import novelty_decisions as nd
+    cfg = dict(tiny, synthetic_classes=8, **NOVELTY)
+    cols = nd.seed_stats(build_config(dict(cfg, novelty_threshold=1.0)), 7, ["grey_invert"])
+    stats = nd.stream(cols, "grey_invert", [1, 3])
+    same = max(nd.novelty_against(stats, 2, [0]), nd.novelty_against(stats, 3, [1]))  # within a domain
+    other = min(nd.novelty_against(stats, 1, [0]), nd.novelty_against(stats, 2, [1]), nd.novelty_against(stats, 3, [0, 2]))
+    assert other > 2 * same
+    rule = dict(novelty_threshold=(same + other) / 2, shift_tasks=[1, 3], novelty_reference="nearest",
+                novelty_reopen="nearest")
+    learner, dm = learner_for(cfg, tmp_path / "run", **rule)
+    learner.run(dm)
+    rec = nd.replay(stats, rule["novelty_threshold"], None, "nearest", "nearest")
+    assert nd.grew_at(rec) == [0, 1] and nd.owners(rec) == [0, 1, 0, 1]
+    got = learner.metrics["growth"]
+    assert [(g["grow"], g["reopened"], g["nearest"]) for g in got] == [(True, 0, 0), (False, 0, 0), (False, 1, 1)]
+    assert [g["novelty"] for g in got] == pytest.approx([r["novelty"] for r in rec], rel=1e-4)
+    assert [learner.net.backbone.owner(t) for t in range(4)] == [0, 1, 0, 1]
+    ck = [load_tensors(tmp_path / "run" / f"task_{t}.safetensors") for t in range(4)]
+    A = "adapter.0.A"
+    assert not torch.equal(ck[0][A], ck[2][A]) and not torch.equal(ck[1][A], ck[3][A])  # each trained again
+    assert torch.equal(learner.net.backbone.layers[0].lora_A["0"], ck[2][A])  # task 3 left adapter 0 alone
+    latest, _ = learner_for(cfg, tmp_path / "latest", **dict(rule, novelty_reopen="latest"))
+    latest.run(_)
+    assert [latest.net.backbone.owner(t) for t in range(4)] == [0, 1, 1, 1]
+    (tmp_path / "resume").mkdir()
+    resumed, full = resumed_and_uninterrupted(dict(cfg, **rule), tmp_path / "resume", cut=3, tasks=4)
+    for key in ("growth", "accuracy_matrix", "active_adapters"):
+        assert resumed[key] == full[key], key
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(novelty_reopen="nearest"), "'novelty_reopen' only applies with 'novelty_threshold'"),
+    (dict(novelty_threshold=0.1, novelty_reopen="nearest"), 'needs "novelty_reference": "nearest"'),
+])
+def test_novelty_reopen_needs_the_rule_and_the_nearest_reference(tiny, over, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config(dict(tiny, **NOVELTY, **over))
+
+
 def test_novelty_reference_needs_the_rule(tiny):
     with pytest.raises(ConfigError, match="'novelty_reference' only applies with 'novelty_threshold'"):
         build_config(dict(tiny, novelty_reference="nearest", **NOVELTY))

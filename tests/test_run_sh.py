@@ -93,6 +93,23 @@ def test_the_need_batch_forks_each_row_from_its_parent_at_the_first_shift(stub, 
     assert '--growth_schedule [0,3,4,8]' in oracle
 
 
+def test_nearest_reopen_rows_reopen_the_nearest_and_fork_the_nearest_rows_before_task_5(stub, tmp_path):
+    calls = run_sh(stub, tmp_path, "need", STREAMS="plain shifted", KINDS="grey_invert", PLACEMENTS="3,4,8 6,7,8",
+                   NEEDS="", FITS="", NOVELTIES="0.05", SHARES="5", REFS="nearest nearest_reopen", EVENS="")
+    logs, p = tmp_path / "logs", "quick_unnormalised"
+    by_prefix = {c.split("--prefix ")[1].split()[0]: c for c in calls}
+    for s in ("plain", "grey_invert_348", "grey_invert_678"):
+        c = by_prefix[f"{p}_{s}_novelty0.05_share5_nearest_reopen"]
+        assert "--novelty_reference nearest --novelty_reopen nearest" in c
+    plain = by_prefix[f"{p}_plain_novelty0.05_share5_nearest_reopen"]
+    assert f"--fork_from {logs}/{p}_plain_sdlora_run --fork_task 1 " in plain
+    # first shift at 3: only adapter 0 existed before it, so the plain "nearest" row is the same prefix
+    early = by_prefix[f"{p}_grey_invert_348_novelty0.05_share5_nearest_reopen"]
+    assert f"--fork_from {logs}/{p}_plain_novelty0.05_share5_nearest_run --fork_task 3 " in early
+    late = by_prefix[f"{p}_grey_invert_678_novelty0.05_share5_nearest_reopen"]  # at 6: its own plain row
+    assert f"--fork_from {logs}/{p}_plain_novelty0.05_share5_nearest_reopen_run --fork_task 6 " in late
+
+
 def test_a_row_whose_parent_failed_is_skipped_with_a_reason(stub, tmp_path):
     calls = run_sh(stub, tmp_path, "need", STREAMS="plain shifted", KINDS="grey_invert", PLACEMENTS="3,4,8",
                    NEEDS="", FITS="", NOVELTIES="", EVENS="2", ONLY="plain_sdlora|grey_invert_348_sdlora", TASKS="2")

@@ -183,11 +183,16 @@ class Config:
     novelty_reference: Literal["latest", "nearest"] = _key(
         "latest", "growth on novelty: whose tasks a task's images are compared with: \"latest\" (the latest "
         "adapter's) or \"nearest\" (every adapter's, the least novelty counts: a task like any earlier adapter's "
-        "tasks, e.g. a return to an earlier domain, is not novel); either way a task that does not grow reuses the "
-        "latest adapter", ("sdlora", "sdlora_rr"))
+        "tasks, e.g. a return to an earlier domain, is not novel); which adapter a task that does not grow reuses: "
+        "novelty_reopen", ("sdlora", "sdlora_rr"))
+    novelty_reopen: Literal["latest", "nearest"] = _key(
+        "latest", "growth on novelty: the adapter a task that does not grow reopens and trains: \"latest\" (as "
+        "every reuse rule) or \"nearest\" (the one its novelty was least against, so a return to an earlier "
+        "domain trains that domain's adapter; needs novelty_reference \"nearest\"); max_share bounds the "
+        "reopened adapter", ("sdlora", "sdlora_rr"))
     max_share: Optional[int] = _key(
-        None, "growth on novelty: a task also gets its own adapter when the latest one already serves this many "
-        "tasks (a bound on reuse); null: no bound", ("sdlora", "sdlora_rr"), check=_positive)
+        None, "growth on novelty: a task also gets its own adapter when the adapter it would reopen already serves "
+        "this many tasks (a bound on reuse); null: no bound", ("sdlora", "sdlora_rr"), check=_positive)
     need_holdout: float = _key(0.2, "growth on need: share of each class's training images held out of the "
                                "trials to judge them", ("sdlora", "sdlora_rr"), check=_open_unit)
     trial_epochs: int = _key(1, "growth on drift or need: epochs of each trial before the decision",
