@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 NAME = re.compile(r"^(?P<proto>[a-z]+(?:_unnormalised)?)_(?P<stream>plain|(?P<kind>[a-z_]+?)_(?P<pl>\d+))_"
-                  r"(?P<row>[a-z]+[\d.e-]*(?:_share\d+)?(?:_nearest)?)_(?P<seed>\d+)$")
+                  r"(?P<row>[a-z]+[\d.e-]*(?:_share\d+)?(?:_nearest(?:_reopen)?)?)_(?P<seed>\d+)$")
 STREAM = re.compile(r"^(?:plain|(?P<kind>[a-z_]+?)_(?P<pl>\d+))$")
 
 

@@ -63,6 +63,12 @@ def owners(records: list[dict]) -> list[int]:
     return [0] + [r["task"] if r["grow"] else r["reopened"] for r in records]
 
 
+def same_domain(owner: list[int], shifted: list[int]) -> int:
+    """How many tasks trained an adapter founded by a task of their own domain (shifted or plain): what growing
+    at a shift is for, read off where each task went."""
+    return sum((t in shifted) == (a in shifted) for t, a in enumerate(owner))
+
+
 #: The variants --reference names: (novelty_reference, novelty_reopen).
 VARIANTS = {"latest": ("latest", "latest"), "nearest": ("nearest", "latest"), "nearest_reopen": ("nearest", "nearest")}
 
@@ -94,8 +100,8 @@ def stream(cols: dict[str | None, list[Stats]], kind: str | None, shifted: list[
 def summary(out: list[dict]) -> str:
     """Per reference and threshold: over the shifted streams, the share of shifted tasks grown at and of the
     others (task 0 left out), the adapters; over the plain streams, the adapters and where they grew."""
-    lines = ["reference | threshold | shifted streams: shifted grown, others grown, adapters (mean) | "
-             "plain streams: adapters (mean), grew at"]
+    lines = ["reference | threshold | shifted streams: shifted grown, others grown, adapters (mean), tasks on an "
+             "adapter of their domain | plain streams: adapters (mean), grew at"]
     for ref, thr in dict.fromkeys((o["reference"], o["threshold"]) for o in out):
         mine = [o for o in out if (o["reference"], o["threshold"]) == (ref, thr)]
         sh = [o for o in mine if o["shift_tasks"]]
@@ -103,8 +109,9 @@ def summary(out: list[dict]) -> str:
         hit = sum(t in o["grew_at"] for o in sh for t in o["shift_tasks"])
         n_hit = sum(len(o["shift_tasks"]) for o in sh)
         others = [(t in o["grew_at"]) for o in sh for t in range(1, len(o["records"]) + 1) if t not in o["shift_tasks"]]
-        cell = (f"{hit}/{n_hit}, {sum(others)}/{len(others)}, {sum(len(o['grew_at']) for o in sh) / len(sh):.2f}"
-                if sh else "-")
+        home = sum(same_domain(o["owners"], o["shift_tasks"]) for o in sh)
+        cell = (f"{hit}/{n_hit}, {sum(others)}/{len(others)}, {sum(len(o['grew_at']) for o in sh) / len(sh):.2f}, "
+                f"{home}/{sum(len(o['owners']) for o in sh)}" if sh else "-")
         plain = (f"{sum(len(o['grew_at']) for o in pl) / len(pl):.2f}, "
                  + " ".join(sorted({str(o["grew_at"]).replace(" ", "") for o in pl})) if pl else "-")
         lines.append(f"{ref} | {thr} | {cell} | {plain}")

@@ -203,7 +203,18 @@ def test_novelty_reference_needs_the_rule(tiny):
 def test_the_replay_summary_counts_shifted_and_other_tasks():
     from benchmarks.novelty_decisions import summary
     rec = [{"task": t} for t in range(1, 10)]
-    out = [dict(reference="nearest", threshold=0.05, shift_tasks=[3, 4, 8], grew_at=[0, 3, 8], records=rec),
-           dict(reference="nearest", threshold=0.05, shift_tasks=[2, 5, 7], grew_at=[0, 2, 3], records=rec),
-           dict(reference="nearest", threshold=0.05, shift_tasks=[], grew_at=[0, 5], records=rec)]
-    assert summary(out).splitlines()[1] == "nearest | 0.05 | 3/6, 1/12, 3.00 | 2.00, [0,5]"
+    out = [dict(reference="nearest", threshold=0.05, shift_tasks=[3, 4, 8], grew_at=[0, 3, 8], records=rec,
+                owners=[0, 0, 0, 3, 3, 3, 3, 3, 8, 8]),  # 5, 6, 7, 9 (plain) on a shifted adapter: 6 at home
+           dict(reference="nearest", threshold=0.05, shift_tasks=[2, 5, 7], grew_at=[0, 2, 3], records=rec,
+                owners=[0, 0, 2, 3, 3, 2, 3, 2, 3, 3]),  # every task at home
+           dict(reference="nearest", threshold=0.05, shift_tasks=[], grew_at=[0, 5], records=rec,
+                owners=[0] * 5 + [5] * 5)]
+    assert summary(out).splitlines()[1] == "nearest | 0.05 | 3/6, 1/12, 3.00, 16/20 | 2.00, [0,5]"
+
+
+def test_owners_follow_growth_and_reopening():
+    from benchmarks.novelty_decisions import owners, same_domain
+    rec = [{"task": 1, "grow": False, "reopened": 0}, {"task": 2, "grow": True, "reopened": 0},
+           {"task": 3, "grow": False, "reopened": 0}, {"task": 4, "grow": False, "reopened": 2}]
+    assert owners(rec) == [0, 0, 2, 0, 2]
+    assert same_domain([0, 0, 2, 0, 2], shifted=[2, 4]) == 5 and same_domain([0, 0, 2, 2, 2], shifted=[2, 4]) == 4
