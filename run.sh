@@ -386,7 +386,10 @@ if [ "${1:-}" = "need" ]; then  # growth on need (docs/growth.md): the rules aga
         # nearest_reopen: a task that does not grow reopens the nearest adapter (novelty_reopen). Its shifted rows
         # fork the plain "nearest" row when the first shift k <= 5: before task 5 only adapter 0 exists, so
         # the two made the same decisions on tasks 0..k-1
-        if [ "$r" = nearest_reopen ]; then R+=(--novelty_reopen nearest); [ -n "$shifted" ] && [ "$k" -le 5 ] && up=_nearest; fi
+        if [ "$r" = nearest_reopen ]; then
+          R+=(--novelty_reopen nearest)
+          if [ -n "$shifted" ] && [ "$k" -le 5 ]; then up=_nearest; fi
+        fi
         row "novelty$t$sfx" sdlora "novelty$t${up:-$sfx}" "${sd[@]}" --skip_mode reuse --novelty_threshold "$t" "${R[@]}"
         for s in $SHARES; do
           row "novelty${t}_share$s$sfx" sdlora "novelty${t}_share$s${up:-$sfx}" "${sd[@]}" --skip_mode reuse \

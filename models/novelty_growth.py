@@ -34,15 +34,15 @@ def standardised_shift(mean: torch.Tensor, ref_mean: torch.Tensor, ref_var: torc
     return float(((mean - ref_mean)[keep] ** 2 / ref_var[keep]).double().mean())
 
 
-def novelty_from(mean: torch.Tensor, refs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+Stats = tuple[torch.Tensor, torch.Tensor]  # a task's token mean and variance, (N tokens, d)
+
+
+def novelty_from(mean: torch.Tensor, refs: list[Stats]) -> float:
     """The rule's signal: a task's mean token against the pooled statistics (mean of the means, mean of the
-    variances) of the reference tasks ``refs``, each a (mean, var) pair."""
+    variances) of the reference tasks ``refs``."""
     ref_mean = torch.stack([m for m, _ in refs]).mean(0)
     ref_var = torch.stack([v for _, v in refs]).mean(0)
     return standardised_shift(mean, ref_mean, ref_var)
-
-
-Stats = tuple[torch.Tensor, torch.Tensor]  # a task's token mean and variance, (N tokens, d)
 
 
 def decide(mean: torch.Tensor, served: dict[int, list[Stats]], latest: int, threshold: float,
@@ -135,15 +135,14 @@ class NoveltyGrowth:
         lr, c = self.learner, self.learner.cfg
         self.observe(task, loader)
         d = self.decide(task, latest)
-        novelty, nearest, k, share, full, grow = (d[key] for key in ("novelty", "nearest", "reopened", "served",
-                                                                        "full", "grow"))
-        record = {"task": task, "reopened": k, "threshold": c.novelty_threshold, "novelty": novelty,
-                  "reference": c.novelty_reference, "nearest": nearest, "served": share, "full": full, "grow": grow}
+        record = {"task": task, "threshold": c.novelty_threshold, "reference": c.novelty_reference, **d}
+        k, grow = d["reopened"], d["grow"]
         if not grow:
             skip_adapter(lr.net.backbone, task, reuse=True, adapter=k)
-        why = f"adapter {k} serves {share} task(s), the most allowed" if full else f"threshold {c.novelty_threshold}"
-        log.info(f"[Novelty growth] Task {task}: novelty {novelty:.4f} against the tasks of adapter {nearest} ({why}): "
-                 + ("new adapter" if grow else f"adapter {k} goes on serving"))
+        why = (f"adapter {k} serves {d['served']} task(s), the most allowed" if d["full"]
+               else f"threshold {c.novelty_threshold}")
+        log.info(f"[Novelty growth] Task {task}: novelty {d['novelty']:.4f} against the tasks of adapter "
+                 f"{d['nearest']} ({why}): " + ("new adapter" if grow else f"adapter {k} goes on serving"))
         lr.fit(task, loader, lr.param_groups(), lr.epochs(task),
                desc=f"Task {task} ({'new adapter' if grow else f'reusing adapter {k}'})")
         record["trained_adapter"] = lr.net.backbone.owner(task)
