@@ -18,27 +18,70 @@ class BackboneError(ValueError):
     """A backbone that cannot be built: unknown name, missing or unreadable weights."""
 
 
-def create_vit(name: str, pretrained: bool, pretrained_path: Optional[str], img_size: int,
-               kwargs: Optional[dict] = None) -> nn.Module:
-    """A timm ViT with no classifier (num_classes=0): weights from the hub, a local file, or random."""
+def check_weights_file(path: str) -> None:
+    """A ``pretrained_path`` must be a weights file timm can read: a safetensors file (named .safetensors) or a
+    torch.save file; found out from its first bytes, before anything is built or written."""
+    p = Path(path)
+    fix = "give a .safetensors or .pth weights file of backbone_type, or null to load its weights from the hub"
+    if not p.exists():
+        raise BackboneError(f"config key 'pretrained_path' = '{path}' does not exist; {fix}")
+    if not p.is_file():
+        raise BackboneError(f"config key 'pretrained_path' = '{path}' is a folder, not a weights file; {fix}")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise BackboneError(f"config key 'pretrained_path' = '{path}' cannot be read ({e.strerror or e}); {fix}") from None
+    if p.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+            with safe_open(str(p), "pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types for a bad header or a short file
+            raise BackboneError(f"config key 'pretrained_path' = '{path}' is not a readable safetensors file "
+                                f"({e}); {fix}") from None
+    elif not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save: a zip, or a legacy pickle
+        kind = "empty" if not head else "neither a safetensors file (named .safetensors) nor a torch.save file"
+        raise BackboneError(f"config key 'pretrained_path' = '{path}' is {kind}; {fix}")
+
+
+def check_backbone_inputs(name: str, pretrained: bool, pretrained_path: Optional[str]) -> None:
+    """What can be told without building anything: the timm name exists, the weights file is one."""
     if not timm.is_model(name):
         near = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:5]
         raise BackboneError(f"unknown timm model '{name}' (config key backbone_type); similar: {near}")
+    if pretrained and pretrained_path:
+        check_weights_file(pretrained_path)
+
+
+def create_vit(name: str, pretrained: bool, pretrained_path: Optional[str], img_size: int,
+               kwargs: Optional[dict] = None) -> nn.Module:
+    """A timm ViT with no classifier (num_classes=0): weights from the hub, a local file, or random."""
+    check_backbone_inputs(name, pretrained, pretrained_path)
     args = dict(pretrained=pretrained, num_classes=0, img_size=img_size, **(kwargs or {}))
     if pretrained and pretrained_path:
-        if not Path(pretrained_path).is_file():
-            raise BackboneError(f"pretrained_path '{pretrained_path}' does not exist")
         args["pretrained_cfg_overlay"] = dict(file=str(pretrained_path), custom_load=False)
     try:
         model = timm.create_model(name, **args)
     except TypeError as e:
         raise BackboneError(f"timm could not build '{name}' with {kwargs or {}} (config key backbone_kwargs): {e}")
-    except (RuntimeError, OSError, ValueError) as e:
+    except Exception as e:  # a weights file timm cannot read raises KeyError, UnpicklingError, SafetensorError, ...
         where = pretrained_path or "the hub (needs internet; or set pretrained_path / pretrained false)"
-        raise BackboneError(f"could not load weights for '{name}' from {where}: {e}") from None
+        if not pretrained:
+            raise BackboneError(f"timm could not build '{name}' with {kwargs or {}} (config key backbone_kwargs): "
+                                f"{type(e).__name__}: {e}") from None
+        raise BackboneError(f"could not load weights for '{name}' from {where}: {type(e).__name__}: {e}") from None
     if not hasattr(model, "blocks") or not hasattr(model.blocks[0].attn, "qkv"):
         raise BackboneError(f"'{name}' is not a ViT with fused attn.qkv layers")
     return model
+
+
+def check_backbone(name: str, pretrained: bool, pretrained_path: Optional[str], img_size: int,
+                   kwargs: Optional[dict] = None) -> None:
+    """Build the backbone once and throw it away: an unknown name, bad kwargs or unreadable weights stop a run
+    here, before its run folder exists. The random state is left as it was (a random-init build draws from it)."""
+    with torch.random.fork_rng(devices=[]):
+        create_vit(name, pretrained, pretrained_path, img_size, kwargs)
 
 
 class LoRAViT(nn.Module):

@@ -17,14 +17,9 @@ FILE_FIELDS = {"description", "keys"}
 
 def read_protocol(path: str) -> dict:
     """The keys of a protocol file, checked for shape (the keys themselves are checked by the schema)."""
-    p = Path(path)
-    if not p.is_file():
-        shipped = sorted(str(f) for f in Path("exps/protocols").glob("*.json"))
-        raise ConfigError(f"protocol file '{path}' does not exist; shipped protocols: {', '.join(shipped) or 'none'}")
-    try:
-        raw = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"protocol file '{path}' is not valid JSON: {e}") from None
+    from utils.config.reading import read_json_file
+    shipped = sorted(str(f) for f in Path("exps/protocols").glob("*.json"))
+    raw = read_json_file(path, "protocol file", f"shipped protocols: {', '.join(shipped) or 'none'}")
     if not isinstance(raw, dict) or not isinstance(raw.get("keys"), dict):
         raise ConfigError(f"protocol file '{path}' must be {{\"description\": \"...\", \"keys\": {{...}}}}")
     extra = sorted(set(raw) - FILE_FIELDS)

@@ -186,16 +186,30 @@ def load_config(path: Optional[str], overrides: Optional[dict] = None) -> Config
     overrides (the command line wins), and check it."""
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            raw = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file '{path}' is not valid JSON: {e}") from None
+        raw = read_json_file(path, "config file", "give a JSON file of config keys (see exps/)")
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a JSON object of keys")
     return build_config(apply_protocol(raw, overrides or {}))
+
+
+def read_json_file(path: str, what: str, fix: str):
+    """A JSON file the user names (a config, a protocol); ConfigError naming it when it is missing, a folder,
+    unreadable, empty or not JSON."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what} '{path}' does not exist; {fix}")
+    if not p.is_file():
+        raise ConfigError(f"{what} '{path}' is a folder, not a file; {fix}")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} '{path}' cannot be read as text ({getattr(e, 'strerror', None) or e}); {fix}") from None
+    if not text.strip():
+        raise ConfigError(f"{what} '{path}' is empty; {fix}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} '{path}' is not valid JSON: {e}") from None
 
 
 def describe_keys() -> str:

@@ -26,8 +26,8 @@ def _load_npz(path: Path) -> SplitData:
         z = np.load(path, allow_pickle=False)
         x_tr, y_tr, x_te, y_te = (z[k] for k in ("x_train", "y_train", "x_test", "y_test"))
         names = [str(n) for n in z["fine_label_names"]] if "fine_label_names" in z.files else None
-    except (KeyError, ValueError, OSError) as e:
-        raise DataError(f"'{path}' is not a readable CIFAR .npz ({e}); "
+    except Exception as e:  # KeyError, ValueError, OSError, EOFError (empty), BadZipFile (cut short), ...
+        raise DataError(f"'{path}' is not a readable CIFAR .npz ({type(e).__name__}: {e}); "
                         "it needs x_train, y_train, x_test, y_test") from None
     for name, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
         if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
@@ -50,8 +50,14 @@ def _load_npz(path: Path) -> SplitData:
 
 def _load_torchvision_cifar(root: Path, download: bool) -> SplitData:
     from torchvision.datasets import CIFAR100
-    tr = CIFAR100(str(root), train=True, download=download)
-    te = CIFAR100(str(root), train=False, download=download)
+    try:
+        tr = CIFAR100(str(root), train=True, download=download)
+        te = CIFAR100(str(root), train=False, download=download)
+    except Exception as e:  # a damaged folder: RuntimeError (checksum), UnpicklingError, EOFError; no network
+        what = "could not be downloaded into" if download else "is damaged in"
+        raise DataError(f"CIFAR-100 {what} '{root / 'cifar-100-python'}' ({type(e).__name__}: {e}); "
+                        + ("check the network, or give data_path" if download else
+                           "remove that folder and download it again (\"download\": true), or give data_path")) from None
     return SplitData(tr.data, np.asarray(tr.targets, np.int64), te.data, np.asarray(te.targets, np.int64),
                      list(tr.classes))
 
@@ -123,21 +129,27 @@ def make_synthetic(n_classes: int, train_per_class: int, test_per_class: int, si
     return SplitData(x_tr, y_tr, x_te, y_te, [f"pattern{c}" for c in range(n_classes)])
 
 
+#: Where each dataset is read from when data_path is null (relative to the directory a run starts in; a run
+#: folder's config.json stores the absolute path). The generated set has no files.
+DEFAULT_PATHS = {"cifar100": "data/cifar100", "cifar224": "data/cifar100", "imagenetr": "data/imagenetr",
+                 "imageneta": "data/imageneta", "cub": "data/cub", "domainnet": "data/domainnet"}
+
+
 def _cifar(cfg) -> SplitData:
-    return load_cifar100(cfg.data_path or "data/cifar100", cfg.download)
+    return load_cifar100(cfg.data_path or DEFAULT_PATHS[cfg.dataset], cfg.download)
 
 
 def _split_folder(cfg) -> SplitData:
-    return load_split_folder(cfg.data_path or f"data/{cfg.dataset}", cfg.dataset)
+    return load_split_folder(cfg.data_path or DEFAULT_PATHS[cfg.dataset], cfg.dataset)
 
 
 def _domainnet(cfg) -> SplitData:
-    return load_domainnet(cfg.data_path or "data/domainnet")
+    return load_domainnet(cfg.data_path or DEFAULT_PATHS["domainnet"])
 
 
 def _cub(cfg) -> SplitData:
     """CUB-200-2011's own files, or (PILOT's copy) train/test class folders."""
-    path = cfg.data_path or "data/cub"
+    path = cfg.data_path or DEFAULT_PATHS["cub"]
     if (Path(path) / "train").is_dir() and (Path(path) / "test").is_dir():
         return load_image_folder(path)
     return load_cub(path)
@@ -158,6 +170,6 @@ DATASETS: dict[str, Callable] = {
 def load_dataset(cfg) -> SplitData:
     """Load the configured dataset through the registry above, then check its class count and files."""
     data = DATASETS[cfg.dataset](cfg)
-    check_classes(data, cfg.expected_classes, cfg.data_path or f"data/{cfg.dataset}")
+    check_classes(data, cfg.expected_classes, cfg.data_path or DEFAULT_PATHS.get(cfg.dataset, cfg.dataset))
     check_images(data, cfg.check_images)
     return data
