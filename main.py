@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import signal
 import sys
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from backbone.vit import BackboneError
+from backbone.vit import BackboneError, check_backbone, check_backbone_inputs
 from models import get_learner
 from models.base import NonFiniteLoss
 from utils import dist
@@ -25,11 +26,14 @@ from utils.config import (Config, ConfigError, build_config, check_device, descr
                           parse_overrides)
 from utils.data.data_manager import DataManager
 from utils.data.datasets import DataError, load_dataset
-from utils.run_metrics import tasks_recorded
+from utils.data.data_manager import task_sizes
 from utils.tracking import TrackingError, check_loggers
 from utils.fork import check_fork, copy_prefix
 from utils.io import CheckpointError, RunFolderBusy, RunLock, WriteError, new_run_dir, save_json
 from utils.config.protocols import apply_protocol
+from utils.run_folder import (RunFolderError, check_resumable, check_saved_paths, read_config, read_metrics,
+                              resolve_paths)
+from utils.run_folder import check_writable as check_folder_writable
 
 #: Exit codes: 0 done, 2 bad input (config, data, weights, checkpoint), 3 NaN/inf loss, 74 a write failed,
 #: 75 the run folder is busy, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, sent before preemption).
@@ -58,6 +62,9 @@ CURRENT_RUN: list[Path] = []
 
 #: Keys a resumed run may change: they do not alter the experiment.
 RESUME_KEYS = {"max_tasks", "num_workers", "progress", "device"}
+
+#: Bad input (exit 2): a key, a file, data, weights, a checkpoint or a run folder; found before any training.
+INPUT_ERRORS = (ConfigError, DataError, BackboneError, CheckpointError, TrackingError, RunFolderError)
 
 
 def check_writable(log_dir: str) -> None:
@@ -101,6 +108,23 @@ def setup_logging(run_dir: Path) -> None:
 make_data_manager = DataManager.for_config  # the name tests and scripts know
 
 
+def discard(run_dir: Path) -> None:
+    """Remove a run folder this process made a moment ago and trained nothing in (its setup was refused)."""
+    logger = logging.getLogger("cl")
+    for h in logger.handlers:
+        h.close()
+    logger.handlers.clear()
+    if dist.is_main():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    CURRENT_RUN.clear()
+
+
+def check_backbone_of(cfg: Config) -> None:
+    """Build the backbone once before any run folder exists: an unknown backbone_type, backbone_kwargs timm
+    refuses, or a pretrained_path that is missing, not a weights file or of another architecture stop here."""
+    check_backbone(cfg.backbone_type, cfg.pretrained, cfg.pretrained_path, cfg.img_size, cfg.backbone_kwargs)
+
+
 def run_seed(cfg: Config, seed: int, data, device: torch.device) -> Path:
     """One seed of an experiment in a fresh run folder; returns the folder."""
     run_dir = new_run_dir(cfg.log_dir, f"{cfg.prefix}_{cfg.dataset}_{cfg.model_name}_{seed}")
@@ -118,9 +142,14 @@ def _train_new(cfg: Config, seed: int, data, device: torch.device, run_dir: Path
     log = logging.getLogger("cl")
     log.info(f"Run folder: {run_dir}")
     log.info("Config: " + json.dumps(dict(cfg.to_dict(), seed=seed)))
-    dm = make_data_manager(cfg, data, seed)
-    log.info(f"Class order: {dm.order.tolist()}")
-    learner = get_learner(cfg.model_name)(cfg, device, run_dir, seed)
+    try:  # what the checks before the folder did not catch: the folder goes, nothing was trained in it
+        dm = make_data_manager(cfg, data, seed)
+        log.info(f"Class order: {dm.order.tolist()}")
+        learner = get_learner(cfg.model_name)(cfg, device, run_dir, seed)
+    except INPUT_ERRORS:
+        discard(run_dir)
+        raise
+    learner.book.tasks_planned = dm.n_tasks  # metrics.json says how many tasks the run is to train (--report)
     learner.run(dm)
     log.info(f"Done: {learner.headline()}; results in {run_dir}")
     if not cfg.pretrained:
@@ -128,23 +157,38 @@ def _train_new(cfg: Config, seed: int, data, device: torch.device, run_dir: Path
     return run_dir
 
 
+def saved_config(run_dir: Path, raw: dict) -> Config:
+    """A run folder's config.json checked as a config; an error names the file."""
+    try:
+        return build_config(raw)
+    except ConfigError as e:
+        raise ConfigError(f"'{run_dir / 'config.json'}' no longer reads as a config: {e}") from None
+
+
 def resume(run_dir: Path, overrides: dict) -> Path:
-    """Continue a run folder after its last completed task (checkpoints and metrics.json)."""
+    """Continue a run folder after its last completed task (checkpoints and metrics.json).
+
+    Everything is checked before the first write: the config, the folder's files against each other, that the
+    folder takes files, the data, the backbone and the checkpoints (loaded into the model)."""
     bad = sorted(set(overrides) - RESUME_KEYS)
     if bad:
-        raise ConfigError(f"--resume cannot change {bad}: they alter the experiment; allowed: {sorted(RESUME_KEYS)}")
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        raise ConfigError(f"'{run_dir}' is not a run folder (no config.json)")
-    raw = json.loads(cfg_path.read_text())
-    raw.update(overrides)
-    cfg = build_config(raw)
+        raise ConfigError(f"--resume cannot change {bad}: they alter the experiment; allowed: {sorted(RESUME_KEYS)} "
+                          "(to train on under other keys: --fork_from RUN_DIR --fork_task K --key value)")
+    raw = read_config(run_dir, "--resume")
+    check_saved_paths(raw, run_dir)
+    cfg = saved_config(run_dir, dict(raw, **overrides))
     device = resolve_device(cfg.device)
     dist.init(device.type)  # before anything below asks which rank it is
     check_distributed(cfg)
-    lock = RunLock(run_dir).acquire()  # before any file of the folder is touched
+    check_device(cfg, device.type)
+    check_loggers(cfg.loggers)
+    if dist.is_main():
+        check_folder_writable(run_dir)  # found now, not when the first task's checkpoint is written
+    lock = RunLock(run_dir).acquire()  # before the folder's files are read: no process is writing them
     try:
-        return _continue(run_dir, cfg, device)
+        metrics = read_metrics(run_dir)
+        done = check_resumable(run_dir, cfg, metrics)
+        return _continue(run_dir, cfg, device, metrics, done)
     finally:
         lock.release()
 
@@ -152,15 +196,14 @@ def resume(run_dir: Path, overrides: dict) -> Path:
 def fork(parent: Path, k: int, config: str | None, overrides: dict) -> Path:
     """A new run folder with the parent's tasks 0..k-1 (copied, the parent untouched), trained on from task k
     under the new config: ``config`` (or the parent's config.json) with the overrides (utils/fork.py)."""
-    if not (parent / "config.json").is_file():
-        raise ConfigError(f"--fork_from '{parent}' is not a run folder (no config.json)")
-    parent_raw = json.loads((parent / "config.json").read_text())
-    parent_cfg = build_config(parent_raw)
+    parent_raw = read_config(parent, "--fork_from")
+    parent_cfg = resolve_paths(saved_config(parent, parent_raw))
     if config is not None:
         cfg = load_config(config, overrides)
     else:  # the parent's resolved keys; a protocol given now is laid over them
         cfg = build_config(apply_protocol(parent_raw, overrides) if "protocol" in overrides
                            else dict(parent_raw, **overrides))
+    cfg = resolve_paths(cfg)
     if not getattr(get_learner(cfg.model_name), "forkable", True):
         raise ConfigError(f"model_name '{cfg.model_name}' keeps only its latest statistics, not each task's: its runs "
                           "resume (--resume) but cannot fork")
@@ -169,8 +212,11 @@ def fork(parent: Path, k: int, config: str | None, overrides: dict) -> Path:
     dist.init(device.type)
     check_distributed(cfg)
     check_device(cfg, device.type)
-    check_writable(cfg.log_dir)
     check_loggers(cfg.loggers)
+    check_backbone_inputs(cfg.backbone_type, cfg.pretrained, cfg.pretrained_path)
+    make_data_manager(cfg, load_dataset(cfg), cfg.seeds[0])  # data that cannot be split stops here
+    check_backbone_of(cfg)
+    check_writable(cfg.log_dir)
     seed = cfg.seeds[0]
     run_dir = new_run_dir(cfg.log_dir, f"{cfg.prefix}_{cfg.dataset}_{cfg.model_name}_{seed}")
     lock = RunLock(run_dir).acquire()
@@ -180,37 +226,66 @@ def fork(parent: Path, k: int, config: str | None, overrides: dict) -> Path:
         setup_logging(run_dir)
         logging.getLogger("cl").info(f"Run folder: {run_dir}, forked from {parent} at task {k} "
                                      f"({len(copied)} files of tasks 0..{k - 1} copied; fork.json)")
-        return _continue(run_dir, cfg, device)
+        try:  # refused before any task trained (checkpoints that do not fit, data): the copy goes
+            metrics = read_metrics(run_dir)
+            done = check_resumable(run_dir, cfg, metrics)
+            state = _prepare(run_dir, cfg, device, metrics, done)
+        except INPUT_ERRORS:
+            discard(run_dir)
+            raise
+        return _train_on(run_dir, cfg, state, done)
     finally:
         lock.release()
 
 
-def _continue(run_dir: Path, cfg: Config, device: torch.device) -> Path:
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {"A": []}
-    done = tasks_recorded(metrics) - 1
-    setup_logging(run_dir)
-    log = logging.getLogger("cl")
+def _continue(run_dir: Path, cfg: Config, device: torch.device, metrics: dict | None, done: int) -> Path:
+    """Train a checked folder on from task ``done`` (the number of tasks metrics.json lists)."""
+    return _train_on(run_dir, cfg, _prepare(run_dir, cfg, device, metrics, done), done)
+
+
+def _prepare(run_dir: Path, cfg: Config, device: torch.device, metrics: dict | None, done: int):
+    """The learner restored after task done - 1 (None when every task is done) and the data; nothing is
+    written (an error here leaves the folder as it was)."""
     CURRENT_RUN[:] = [run_dir]
-    for stale in run_dir.glob(".*.tmp") if dist.is_main() else []:  # an atomic write cut off by SIGKILL
-        stale.unlink()
-        log.info(f"removed {stale.name}, a temporary file left by the interrupted run")
     seed = cfg.seeds[0]
     data = load_dataset(cfg)
     dm = make_data_manager(cfg, data, seed)
-    if done + 1 >= dm.n_tasks:
+    every = len(task_sizes(data.n_classes, cfg.init_cls, cfg.increment))
+    if done > every:
+        raise RunFolderError(f"'{run_dir / 'metrics.json'}' lists {done} tasks, but its config.json makes {every}: "
+                             "the file is another run's; restore the run's own metrics.json")
+    if done >= dm.n_tasks:
+        return None, dm
+    learner = get_learner(cfg.model_name)(cfg, device, run_dir, seed)
+    if done > 0:
+        learner.restore(dm, done - 1)  # CheckpointError when they do not fit config.json
+        learner.load_metrics(metrics)
+    learner.book.tasks_planned = dm.n_tasks
+    return learner, dm
+
+
+def _train_on(run_dir: Path, cfg: Config, state, done: int) -> Path:
+    setup_logging(run_dir)  # from here on the folder is written: every check has passed
+    log = logging.getLogger("cl")
+    learner, dm = state
+    if learner is None:
         log.info(f"{run_dir}: all {dm.n_tasks} tasks are already done")
         return run_dir
-    learner = get_learner(cfg.model_name)(cfg, device, run_dir, seed)
-    if done >= 0:
-        learner.restore(dm, done)
-        learner.load_metrics(metrics)
-    log.info(f"Resuming {run_dir} at task {done + 1}/{dm.n_tasks}")
-    learner.run(dm, start=done + 1)
+    for stale in run_dir.glob(".*.tmp") if dist.is_main() else []:  # an atomic write cut off by SIGKILL
+        stale.unlink()
+        log.info(f"removed {stale.name}, a temporary file left by the interrupted run")
+    log.info(f"Resuming {run_dir} at task {done}/{dm.n_tasks}")
+    learner.run(dm, start=done)
     log.info(f"Done: {learner.headline()}; results in {run_dir}")  # as a new run ends (run.sh reads it)
     if not cfg.pretrained:
         log.info(RANDOM_INIT_NOTE)
     return run_dir
+
+
+def _refuse(message: str) -> int:
+    """Bad input: the message (naming the key or file and the fix) on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,21 +311,35 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fork_task", type=int, metavar="K", help="with --fork_from: tasks 0..K-1 come from the parent")
     parser.add_argument("--keys", action="store_true", help="list every config key with its default and exit")
     parser.add_argument("--report", nargs="+", metavar="RUN_DIR",
-                        help="figures (RUN_DIR/plots/) and tables of finished runs; with several, a comparison")
+                        help="figures (RUN_DIR/plots/) and tables of runs; with several, a comparison and the mean "
+                             "± std over seeds of the finished runs")
     parser.add_argument("--report_out", metavar="DIR", help="where --report puts the comparison and tables "
                                                              "of several runs (default: report/ beside the first)")
+    parser.add_argument("--include_unfinished", action="store_true",
+                        help="with --report: runs that stopped before their last task go into the mean ± std too "
+                             "(averaged only with runs of as many tasks)")
     args, rest = parser.parse_known_args(argv)
     if args.keys:
         print(describe_keys())
         return 0
+    given = [f for f, v in (("--config", args.config), ("--protocol", args.protocol), ("--resume", args.resume),
+                            ("--fork_from", args.fork_from), ("--fork_task", args.fork_task is not None),
+                            ("--report", args.report)) if v]
     if args.report:
+        if len(given) > 1 or rest:  # a mistyped flag is not silently dropped
+            return _refuse(f"--report reads run folders only: it takes no {', '.join([g for g in given if g != '--report'] + rest[:3])} "
+                           "(--report RUN_DIR ... [--report_out DIR] [--include_unfinished])")
         from utils.report import ReportError, report  # matplotlib only where reports are made
         try:
-            print(report(args.report, args.report_out))
+            print(report(args.report, args.report_out, args.include_unfinished))
         except ReportError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return _refuse(str(e))
         return 0
+    if args.report_out or args.include_unfinished:
+        return _refuse("--report_out and --include_unfinished go with --report RUN_DIR ...")
+    if args.resume and len(given) > 1:
+        return _refuse(f"--resume continues a run under its own config.json; it takes no {', '.join(g for g in given if g != '--resume')} "
+                       "(to train on under another config: --fork_from RUN_DIR --fork_task K --config FILE)")
     try:
         overrides = parse_overrides(rest)
         if args.protocol:
@@ -265,21 +354,22 @@ def _main(argv: list[str] | None = None) -> int:
             return 0
         if not args.config:
             parser.error("--config is required (for example --config=exps/demo.json)")
-        cfg = load_config(args.config, overrides)
+        cfg = resolve_paths(load_config(args.config, overrides))  # config.json names its files from any directory
         device = resolve_device(cfg.device)
         dist.init(device.type)
         check_distributed(cfg)
         check_device(cfg, device.type)  # before any work: no run folder yet
-        check_writable(cfg.log_dir)
         check_loggers(cfg.loggers)
+        check_backbone_inputs(cfg.backbone_type, cfg.pretrained, cfg.pretrained_path)  # quick: name, weights file
         data = load_dataset(cfg)
         for seed in cfg.seeds:  # task splits that cannot be made stop here, not after a run folder exists
             make_data_manager(cfg, data, seed)
+        check_backbone_of(cfg)  # the whole backbone, weights loaded (a download from the hub, once)
+        check_writable(cfg.log_dir)  # the last check: it makes log_dir if there is none
         for seed in cfg.seeds:
             run_seed(replace(cfg, seed=seed), seed, data, device)
-    except (ConfigError, DataError, BackboneError, CheckpointError, TrackingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except INPUT_ERRORS as e:
+        return _refuse(str(e))
     except (KeyboardInterrupt, Terminated) as e:
         term = isinstance(e, Terminated)
         where = str(CURRENT_RUN[0]) if CURRENT_RUN else "RUN_DIR"

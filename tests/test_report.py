@@ -111,3 +111,78 @@ def test_labels_list_the_differing_keys_in_config_order_not_alphabetically():
     b = Run(Path("b"), dict(base, protocol="offline.json", img_size=112, skip_mode="reuse", growth_schedule=[0]), {})
     label_runs([a, b])
     assert b.label == 'sdlora (protocol="offline.json", img_size=112, skip_mode="reuse", ...)'
+
+
+# ---- tasks counted: stopped runs and repeated seeds are not averaged as seeds (issue 40) ----------------------
+def _copy_cut(run: Path, dst: Path, n: int, planned: bool = True) -> Path:
+    """A copy of a run folder as if it had stopped after n tasks (metrics.json cut); planned False: as a run made
+    before metrics.json recorded tasks_planned."""
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("plots"))
+    m = json.loads((dst / "metrics.json").read_text())
+    m.update({k: v[:n] for k, v in m.items() if isinstance(v, list)})
+    if not planned:
+        m.pop("tasks_planned", None)
+    (dst / "metrics.json").write_text(json.dumps(m))
+    return dst
+
+
+def _summary(out: Path) -> dict:
+    header, *rows = csv.reader((out / "summary.csv").read_text().splitlines())
+    return {(r[1], r[header.index("tasks_done")]): dict(zip(header, r)) for r in rows}
+
+
+@pytest.mark.parametrize("planned", [True, False], ids=["recorded", "from-config"])
+def test_a_stopped_run_is_shown_as_such_and_left_out_of_the_mean(planned, runs, tmp_path):
+    stopped = _copy_cut(runs["sdlora_8"], tmp_path / "stopped", 2, planned)
+    text = report([runs["sdlora_7"], stopped], tmp_path / "out")
+    assert json.loads((runs["sdlora_7"] / "metrics.json").read_text())["tasks_planned"] == 3
+    rows = {r.split("|")[2].strip(): r for r in (tmp_path / "out" / "runs.md").read_text().splitlines()[2:]}
+    assert rows["7"].split("|")[3].strip() == "3/3" and rows["8"].split("|")[3].strip() == "2/3 (stopped)"
+    summary = _summary(tmp_path / "out")
+    assert list(summary) == [("7", "3")] and summary[("7", "3")]["tasks_planned"] == "3"
+    assert f"{stopped}: 2/3 tasks, stopped before the end (--include_unfinished" in text
+    assert "| sdlora | 7 | 3/3 |" in (tmp_path / "out" / "summary.md").read_text()
+    # asked for: in, but only beside runs with as many tasks (its own row here)
+    report([runs["sdlora_7"], stopped], tmp_path / "out2", include_unfinished=True)
+    assert sorted(_summary(tmp_path / "out2")) == [("7", "3"), ("8", "2")]
+
+
+def test_the_issue_case_a_stopped_repeat_of_a_seed_is_not_a_second_seed(runs, tmp_path, capsys):
+    """A run stopped after 1 task and a finished run, same config and seed: no "mean ± std over seeds 7, 7"."""
+    again = _copy_cut(runs["sdlora_7"], tmp_path / "again", 3)
+    stopped = _copy_cut(runs["sdlora_7"], tmp_path / "stopped", 1)
+    assert main(["--report", str(runs["sdlora_7"]), str(stopped), str(again), str(runs["sdlora_8"]),
+                 "--report_out", str(tmp_path / "out"), "--include_unfinished"]) == 0
+    out = capsys.readouterr().out
+    summary = _summary(tmp_path / "out")
+    assert set(summary) == {("7 8", "3"), ("7", "1")}  # the repeat left out, the stopped run in a row of its own
+    assert f"{again}: seed 7 again (as {runs['sdlora_7']}): a repeat, not another seed" in out
+    a, b = (json.loads((runs[k] / "metrics.json").read_text())["A_last"] for k in ("sdlora_7", "sdlora_8"))
+    assert float(summary[("7 8", "3")]["A_last_mean"]) == pytest.approx((a + b) / 2, abs=1e-4)
+
+
+def test_report_refuses_before_writing_anything(runs, tmp_path, capsys):
+    clean = _copy_cut(runs["sdlora_7"], tmp_path / "clean", 3)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["--report", str(clean), str(runs["sdlora_8"]), "--report_out", str(afile / "out")]) == 2
+    assert "--report_out" in capsys.readouterr().err and not (clean / "plots").exists()
+    for damage, needle in [(lambda d: (d / "config.json").write_text("[]"), "config.json holds a JSON list"),
+                           (lambda d: (d / "metrics.json").write_text(""), "metrics.json is empty"),
+                           (lambda d: (d / "metrics.json").write_text('{"A": [1, 2], "accuracy_matrix": [[1]], '
+                                                                     '"A_last": 2, "A_avg": 1, "forgetting": 0}'),
+                            "'accuracy_matrix' is not 2 rows")]:
+        bad = _copy_cut(runs["sdlora_7"], tmp_path / f"bad{len(needle)}", 3)
+        damage(bad)
+        assert main(["--report", str(clean), str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and str(bad) in err and err.count("\n") == 1
+        assert not (clean / "plots").exists() and not (tmp_path / "report").exists()
+
+
+def test_a_damaged_beta_record_is_named(runs, tmp_path):
+    half = tmp_path / "g"
+    shutil.copytree(runs["gumbel"], half, ignore=shutil.ignore_patterns("plots"))
+    (half / "beta_values_task_0.pt").write_bytes(b"PK\x03\x04 cut")
+    with pytest.raises(ReportError, match=r"g: beta_values_task_0.pt cannot be read"):
+        load_run(half)

@@ -9,31 +9,28 @@ so far); the rest (optimiser, epochs, the growth rule, ...) may change, since it
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 from utils.config.schema import Config, ConfigError
 from utils.io import load_tensors, save_json
 from utils.metrics import summarize
+from utils.run_folder import TASK_FILE, RunFolderError, check_checkpoints, read_metrics
 from utils.run_metrics import tasks_recorded
 
 #: Keys that shaped the parent's first tasks (or what the classes are): a fork must keep them.
 MUST_MATCH = ("model_name", "dataset", "data_path", "expected_classes", "synthetic_classes", "shuffle", "init_cls",
               "increment", "train_per_class", "test_per_class", "img_size", "normalize", "backbone_type",
               "pretrained", "pretrained_path", "backbone_kwargs", "lora_targets", "lora_rank", "rank_schedule",
-              "direction_norm", "intrinsic_dim", "allocation_mode", "allocation_ratio", "subspace_norm")
-
-#: A run folder's per-task files: task_3.safetensors, beta_values_task_3.pt, growth_task_3.pt, ...
-TASK_FILE = re.compile(r"^(?:.*_)?task_(\d+)\.(?:safetensors|pt)$")
-
+              "direction_norm", "intrinsic_dim", "allocation_mode", "allocation_ratio", "subspace_norm",
+              # the first tasks were evaluated under the head (models/heads.py): the metrics kept are its
+              "head", "ranpac_dim", "drift_compensation", "sdc_sigma", "align_samples", "align_epochs", "align_lr",
+              "align_temperature")
 
 def tasks_done(run_dir: Path) -> int:
-    """How many tasks a run folder has completed (metrics.json lists them)."""
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        return 0
-    return tasks_recorded(json.loads(path.read_text()))
+    """How many tasks a run folder has completed (metrics.json lists them); RunFolderError if it is damaged."""
+    metrics = read_metrics(run_dir)
+    return 0 if metrics is None else tasks_recorded(metrics)
 
 
 def own_adapters(parent: Path, k: int) -> list[int]:
@@ -52,11 +49,18 @@ def own_adapters(parent: Path, k: int) -> list[int]:
 def check_fork(parent: Path, parent_cfg: Config, child: Config, k: int) -> None:
     """Refuse a fork whose first k tasks would not be the parent's, naming the key and both values."""
     done = tasks_done(parent)
+    if done == 0:
+        raise ConfigError(f"--fork_from '{parent}' has no finished task (no metrics.json): nothing to fork; fork a run "
+                          "that finished task 0, or start this one afresh with --config")
     if k < 1 or k > done:
         raise ConfigError(f"--fork_task {k}: the parent '{parent}' has completed tasks 0..{done - 1}; fork at a "
                           f"task in 1..{done} (tasks 0..k-1 are kept)")
     if not parent_cfg.save_adapters:
         raise ConfigError(f"the parent '{parent}' was run with save_adapters false: it has no checkpoints to fork")
+    try:  # the files the fork copies, checked in the parent (a missing one is named there, not in the copy)
+        check_checkpoints(parent, range(k), parent_cfg.model_name, role="the parent ")
+    except RunFolderError as e:
+        raise RunFolderError(f"cannot fork: {e}") from None
     errors = []
     for key in MUST_MATCH:
         a, b = getattr(parent_cfg, key, None), getattr(child, key, None)

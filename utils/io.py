@@ -112,6 +112,18 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint '{path}' is corrupt or not a safetensors file: {e}") from None
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """A .safetensors file's metadata (its header alone, no tensor read); CheckpointError naming the file when
+    the header is damaged or the file is shorter than the header says."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"checkpoint '{path}' is corrupt or not a safetensors file ({e}); restore it from a "
+                              "copy, or fork the tasks before it (--fork_from RUN --fork_task K)") from None
+
+
 def save_torch(path: Path, obj: Any) -> None:
     """torch.save of plain tensors / dicts of tensors (never modules), atomically."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))

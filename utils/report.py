@@ -5,6 +5,11 @@ runs of any method, finished or stopped after some tasks. Per run, PNGs in RUN_D
 accuracy matrix, the A_t curve and, for adapter methods, the adapters in force after every task (with
 the gate's beta for Gumbel runs) and, for growth rules, their need signal per task. With several runs, a comparison figure, a per-run table and a
 mean +- std table over seeds, written next to the comparison figure and printed.
+
+Every run counts its tasks: done / planned (metrics.json's ``tasks_planned``, or for runs made before it was
+recorded, the task count its config gives). A run that stopped before its last task is shown as such and left
+out of the mean +- std unless ``include_unfinished``; runs are averaged only with runs of the same config and the
+same number of tasks, and a second run of a seed already in a row (a repeat) is left out of it, named.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import csv
 import io
 import json
 import math
+import os
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +29,10 @@ matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from utils.data.data_manager import task_sizes  # noqa: E402
+from utils.run_folder import PATH_KEYS  # noqa: E402
+from utils.run_metrics import metrics_problem  # noqa: E402
 
 #: Config keys that do not change the experiment: runs differing only in these are seeds of one config.
 NOT_EXPERIMENT = {"seed", "log_dir", "num_workers", "progress", "device", "max_tasks", "prefix", "save_adapters"}
@@ -43,47 +53,105 @@ class Run:
 
     @property
     def n_tasks(self) -> int:
+        """The tasks the run finished (metrics.json lists them)."""
         return len(self.metrics["A"])
 
     @property
+    def planned(self) -> Optional[int]:
+        """The tasks the run was to train: recorded by the run, or (older runs) from its config; None: unknown."""
+        if self.metrics.get("tasks_planned") is not None:
+            return int(self.metrics["tasks_planned"])
+        n = planned_from_config(self.config)
+        return None if n is None else max(n, self.n_tasks)  # more done: resumed with a larger max_tasks
+
+    @property
+    def finished(self) -> bool:
+        return self.planned is None or self.n_tasks >= self.planned
+
+    @property
+    def tasks(self) -> str:
+        """Tasks done / planned, as the tables show them."""
+        return f"{self.n_tasks}/{'?' if self.planned is None else self.planned}"
+
+    @property
     def name(self) -> str:
-        """The label and the seed: how a figure names the run."""
-        return f"{self.label}, seed {self.config.get('seed')}"
+        """The label and the seed: how a figure names the run (and its tasks, if it stopped early)."""
+        stopped = "" if self.finished else f", stopped after {self.tasks} tasks"
+        return f"{self.label}, seed {self.config.get('seed')}{stopped}"
 
     @property
     def method(self) -> str:
         return self.config["model_name"]
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ReportError(f"{path.parent}: no {path.name} (not a run folder, or the run stopped before it "
-                          "finished its first task)")
+#: Class counts of the datasets whose count the config does not give (runs made before tasks_planned was recorded).
+DATASET_CLASSES = {"cifar100": 100, "cifar224": 100, "imagenetr": 200, "imageneta": 200, "cub": 200, "domainnet": 345}
+
+
+def planned_from_config(config: dict) -> Optional[int]:
+    """The task count a config gives (its class count split by init_cls / increment, cut at max_tasks)."""
+    classes = config.get("expected_classes") or (config.get("synthetic_classes") if config.get("dataset") == "synthetic"
+                                                 else DATASET_CLASSES.get(config.get("dataset")))
     try:
-        return json.loads(path.read_text())
+        n = len(task_sizes(int(classes), int(config["init_cls"]), int(config["increment"])))
+    except Exception:  # an unknown count or keys of another shape: unknown
+        return None
+    return min(n, config["max_tasks"]) if isinstance(config.get("max_tasks"), int) else n
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        why = ("(a run that stopped before it finished its first task has none)" if path.name == "metrics.json"
+               else "(not a run folder)")
+        raise ReportError(f"{path.parent}: no {path.name} {why}; leave the folder out of --report")
+    fix = f"leave the folder out of --report, or restore its {path.name}"
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path.parent}: {path.name} cannot be read ({getattr(e, 'strerror', None) or e}); {fix}") from None
+    if not text.strip():
+        raise ReportError(f"{path.parent}: {path.name} is empty; {fix}")
+    try:
+        value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ReportError(f"{path.parent}: {path.name} is not valid JSON ({e})") from None
+        raise ReportError(f"{path.parent}: {path.name} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(value, dict):
+        raise ReportError(f"{path.parent}: {path.name} holds a JSON {type(value).__name__}, not an object of {what}; "
+                          "leave the folder out of --report, or restore the file")
+    return value
 
 
 def load_run(path) -> Run:
     """A run folder's config, metrics and (Gumbel) beta records; ReportError names what is missing."""
     path = Path(path)
     if not path.is_dir():
-        raise ReportError(f"run folder '{path}' does not exist")
-    config, metrics = _read_json(path / "config.json"), _read_json(path / "metrics.json")
+        raise ReportError(f"run folder '{path}' does not exist" if not path.exists() else
+                          f"'{path}' is a file, not a run folder")
+    config, metrics = _read_json(path / "config.json", "config keys"), _read_json(path / "metrics.json", "metrics")
     if "til_A" in metrics:
         raise ReportError(f"{path} is a task-incremental run (til_* metrics, the task identity given): "
                           "--report compares class-incremental runs; read its metrics.json")
     missing = [k for k in ("accuracy_matrix", "A", "A_last", "A_avg", "forgetting") if k not in metrics]
     if missing or not metrics.get("A"):
-        raise ReportError(f"{path}: metrics.json lacks {missing or ['any finished task']}")
+        raise ReportError(f"{path}: metrics.json lacks {missing or ['any finished task']}; leave the folder out of "
+                          "--report")
+    problem = metrics_problem(metrics) or next((f"'{k}' is not a number" for k in ("A_last", "A_avg", "forgetting")
+                                                if not isinstance(metrics[k], (int, float))), None)
+    if problem:
+        raise ReportError(f"{path}: metrics.json {problem}; leave the folder out of --report, or restore the file")
+    if not isinstance(config.get("model_name"), str):
+        raise ReportError(f"{path}: config.json has no model_name: not a run's config; restore the file")
     run = Run(path, config, metrics)
     if config.get("model_name") == "gumbel_sdlora":
         for t in range(run.n_tasks):
             rec = path / f"beta_values_task_{t}.pt"
             if not rec.is_file():
                 raise ReportError(f"{path}: no {rec.name} for finished task {t}")
-            run.gate.append(torch.load(rec, map_location="cpu", weights_only=True))
+            try:
+                run.gate.append(torch.load(rec, map_location="cpu", weights_only=True))
+            except Exception as e:  # a damaged file: pickle, zip or EOF errors
+                raise ReportError(f"{path}: {rec.name} cannot be read ({type(e).__name__}: {e}); restore it, or "
+                                  "leave the folder out of --report") from None
     return run
 
 
@@ -95,12 +163,19 @@ def label_runs(runs: list[Run]) -> None:
         order = list(dict.fromkeys([*r.config, *(k for o in same for k in o.config)]))
         keys = [k for k in order if k not in NOT_EXPERIMENT
                 and any(r.config.get(k) != o.config.get(k) for o in same)]
-        extra = ", ".join(f"{k}={json.dumps(r.config.get(k))}" for k in keys[:3])
+        extra = ", ".join(f"{k}={json.dumps(_shown(k, r.config.get(k)))}" for k in keys[:3])
         r.label = r.method + (f" ({extra}{', ...' if len(keys) > 3 else ''})" if extra else "")
 
 
+def _shown(key: str, value):
+    """A value as a label shows it: a path key (stored absolute) by its file's name."""
+    return Path(value).name if key in PATH_KEYS and isinstance(value, str) else value
+
+
 def _experiment_key(run: Run) -> str:
-    return json.dumps({k: v for k, v in run.config.items() if k not in NOT_EXPERIMENT}, sort_keys=True)
+    """Runs with the same key are seeds of one config: equal config but for the seed and the bookkeeping keys,
+    and the same number of finished tasks (A_last after 3 tasks is not A_last after 10)."""
+    return json.dumps([{k: v for k, v in run.config.items() if k not in NOT_EXPERIMENT}, run.n_tasks], sort_keys=True)
 
 
 # ---- figures --------------------------------------------------------------------------------------
@@ -300,7 +375,7 @@ def run_row(run: Run) -> dict:
     m = run.metrics
     train = m.get("train_seconds") or []
     return {"run": run.path.name, "method": run.label, "seed": run.config.get("seed"),
-            "tasks": run.n_tasks, "A_last": m["A_last"], "A_avg": m["A_avg"], "forgetting": m["forgetting"],
+            "tasks": run.n_tasks, "tasks_planned": run.planned, "A_last": m["A_last"], "A_avg": m["A_avg"], "forgetting": m["forgetting"],
             "active_adapters": (m.get("active_adapters") or [None])[-1],
             "adapter_params": (m.get("adapter_params") or [None])[-1],
             "train_s_per_task": sum(train) / len(train) if train else None,
@@ -331,13 +406,34 @@ def runs_table(runs: list[Run]) -> str:
         act = "-" if w["active_adapters"] is None else f"{w['active_adapters']}/{w['tasks']}"
         par = "-" if w["adapter_params"] is None else f"{w['adapter_params']:,}"
         sec = "-" if w["train_s_per_task"] is None else f"{w['train_s_per_task']:.0f}"
-        lines.append(f"| {w['method']} | {w['seed']} | {w['tasks']} | {w['A_last']:.2f} | {w['A_avg']:.2f} | "
+        tasks = r.tasks + ("" if r.finished else " (stopped)")
+        lines.append(f"| {w['method']} | {w['seed']} | {tasks} | {w['A_last']:.2f} | {w['A_avg']:.2f} | "
                      f"{w['forgetting']:.2f} | {act} | {par} | {sec} |")
     return "\n".join(lines)
 
 
+def summary_runs(runs: list[Run], include_unfinished: bool = False) -> tuple[list[Run], list[str]]:
+    """The runs the mean +- std is taken over, and a line for each run left out: one that stopped before its
+    last task (unless ``include_unfinished``), and a repeat of a seed already in its config's row."""
+    kept, notes, seen = [], [], {}
+    for r in runs:
+        if not r.finished and not include_unfinished:
+            notes.append(f"{r.path}: {r.tasks} tasks, stopped before the end (--include_unfinished puts it in, "
+                         "averaged only with runs of as many tasks)")
+            continue
+        key = (_experiment_key(r), json.dumps(r.config.get("seed")))
+        if key in seen:
+            notes.append(f"{r.path}: seed {r.config.get('seed')} again (as {seen[key].path}): a repeat, not "
+                         "another seed")
+            continue
+        seen[key] = r
+        kept.append(r)
+    return kept, notes
+
+
 def seed_summary(runs: list[Run]) -> list[dict]:
-    """Per config (runs equal but for the seed): mean and std over seeds (std 0 for one seed)."""
+    """Per config (runs equal but for the seed, with as many tasks): mean and std over seeds (std 0 for one seed).
+    Give it ``summary_runs``' choice: it averages whatever it is given."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
         groups.setdefault(_experiment_key(r), []).append(r)
@@ -348,7 +444,9 @@ def seed_summary(runs: list[Run]) -> list[dict]:
         for r, w in zip(members, rows):  # optimiser steps over plain SD-LoRA's on the same stream and seed
             ref = ref_steps.get(_data_key(r))
             w["relative_steps"] = w["train_steps"] / ref if ref and w["train_steps"] else None
-        entry = {"method": members[0].label, "seeds": [w["seed"] for w in rows]}
+        planned = sorted({str("?" if r.planned is None else r.planned) for r in members})
+        entry = {"method": members[0].label, "seeds": [w["seed"] for w in rows], "tasks_done": members[0].n_tasks,
+                 "tasks_planned": ", ".join(planned)}
         for k in SUMMARY_KEYS:
             vals = np.array([w[k] for w in rows if w[k] is not None], dtype=float)
             entry[k] = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0) if len(vals) else None
@@ -361,33 +459,61 @@ SUMMARY_KEYS = ("A_last", "A_avg", "forgetting", "active_adapters", "relative_st
 
 
 def summary_markdown(summary: list[dict]) -> str:
-    lines = ["| method | seeds | A_last | A_avg | forgetting | active adapters | training steps / SD-LoRA's "
-             "| train s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | tasks | A_last | A_avg | forgetting | active adapters | training steps / SD-LoRA's "
+             "| train s |", "|---|---|---|---|---|---|---|---|---|"]
     for e in summary:
         cells = ["-" if e[k] is None else f"{e[k][0]:.0f} ± {e[k][1]:.0f}" if k == "train_s"
                  else f"{e[k][0]:.2f} ± {e[k][1]:.2f}" for k in SUMMARY_KEYS]
-        lines.append(f"| {e['method']} | {', '.join(map(str, e['seeds']))} | " + " | ".join(cells) + " |")
+        lines.append(f"| {e['method']} | {', '.join(map(str, e['seeds']))} | {e['tasks_done']}/{e['tasks_planned']} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def summary_csv(summary: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["method", "seeds", "n_seeds"] + [f"{k}_{s}" for k in SUMMARY_KEYS for s in ("mean", "std")])
+    w.writerow(["method", "seeds", "n_seeds"] + [f"{k}_{s}" for k in SUMMARY_KEYS for s in ("mean", "std")]
+               + ["tasks_done", "tasks_planned"])
     for e in summary:
         vals = []
         for k in SUMMARY_KEYS:
             vals += ["", ""] if e[k] is None else [f"{e[k][0]:.4f}", f"{e[k][1]:.4f}"]
-        w.writerow([e["method"], " ".join(map(str, e["seeds"])), len(e["seeds"])] + vals)
+        w.writerow([e["method"], " ".join(map(str, e["seeds"])), len(e["seeds"])] + vals
+                   + [e["tasks_done"], e["tasks_planned"]])
     return buf.getvalue()
 
 
 # ---- the command --------------------------------------------------------------------------------------
-def report(paths: list, out: Optional[Path] = None) -> str:
+def _writable(folder: Path, what: str) -> None:
+    """``folder`` (or, where it does not exist yet, the folder it would be made in) takes files."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ReportError(f"{what} '{folder}' cannot be made: '{probe}' is a file; choose another place")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ReportError(f"{what} '{folder}' cannot be written ('{probe}' is read-only); make it writable, or "
+                          "choose another --report_out")
+
+
+def report(paths: list, out: Optional[Path] = None, include_unfinished: bool = False) -> str:
     """Figures for every run; with several runs, the comparison, tables and seed summary in ``out``
     (default: a ``report`` folder beside the first run). Returns the printed text."""
     runs = [load_run(p) for p in paths]  # every folder is checked before anything is written
+    out = (Path(out) if out else runs[0].path.parent / "report") if len(runs) > 1 else None
+    for r in runs:
+        _writable(r.path / "plots", "the plots folder")
+    if out is not None:
+        _writable(out, "--report_out")
     label_runs(runs)
+    try:
+        return _write(runs, out, include_unfinished)
+    except OSError as e:  # a disk that fills up or goes read-only half-way
+        raise ReportError(f"could not write '{e.filename or out}': {e.strerror or e}; free space or fix the mount, "
+                          "then run --report again") from None
+
+
+def _write(runs: list[Run], out: Optional[Path], include_unfinished: bool) -> str:
     text = []
     for r in runs:
         plots = r.path / "plots"
@@ -395,14 +521,17 @@ def report(paths: list, out: Optional[Path] = None) -> str:
                 plot_growth_signal(r, plots)]
         text.append(f"{r.path}: " + ", ".join(p.name for p in made if p is not None) + f" in {plots}")
     table = runs_table(runs)
-    summary = seed_summary(runs)
-    text += ["", table, "", "Mean ± std over seeds:", summary_markdown(summary)]
-    if len(runs) > 1:
-        out = Path(out) if out else runs[0].path.parent / "report"
+    kept, notes = summary_runs(runs, include_unfinished)
+    summary = seed_summary(kept)
+    text += ["", table, "", "Mean ± std over seeds (tasks: done/planned):", summary_markdown(summary)]
+    if notes:
+        text += ["", "Left out of the mean ± std:"] + [f"- {n}" for n in notes]
+    if out is not None:
         plot_comparison(runs, out)
         plot_tradeoff(summary, out)
         (out / "runs.md").write_text(table + "\n")
-        (out / "summary.md").write_text(summary_markdown(summary) + "\n")
+        (out / "summary.md").write_text(summary_markdown(summary) + "\n"
+                                        + "".join(f"\nLeft out: {n}" for n in notes) + ("\n" if notes else ""))
         (out / "summary.csv").write_text(summary_csv(summary))
         text.append(f"\ncomparison.png, tradeoff.png, runs.md, summary.md, summary.csv in {out}")
     return "\n".join(text)

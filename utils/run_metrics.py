@@ -5,6 +5,7 @@ til_accuracy, til_A, til_A_last, ...), so that they are never read as class-incr
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -24,6 +25,36 @@ def tasks_recorded(saved: dict) -> int:
     return len(saved.get("A", saved.get("til_A", [])))
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def metrics_problem(saved) -> Optional[str]:
+    """What is wrong with the shape of a metrics.json (None: nothing): the per-task accuracies must be lists of
+    one number per task, the accuracy matrix one row of t + 1 numbers per task t. Said as the end of a sentence
+    that starts with the file's name."""
+    if not isinstance(saved, dict):
+        return f"holds a JSON {type(saved).__name__}, not an object of metrics"
+    p = "til_" if "til_A" in saved and "A" not in saved else ""
+    a = saved.get(p + "A")
+    if not isinstance(a, list) or not all(_number(v) for v in a):
+        return f"has no list of per-task accuracies '{p}A'"
+    n = len(a)
+    matrix_key = p + "accuracy" if p else "accuracy_matrix"
+    rows = saved.get(matrix_key)
+    if not isinstance(rows, list) or len(rows) != n or any(
+            not isinstance(r, list) or len(r) != t + 1 or not all(_number(v) for v in r) for t, r in enumerate(rows)):
+        return f"'{matrix_key}' is not {n} rows of accuracies (row t: tasks 0..t), one per task of '{p}A'"
+    for key in ("old_accuracy", "new_accuracy", "top5"):
+        v = saved.get(p + key)
+        if v is not None and (not isinstance(v, list) or len(v) != n):
+            return f"'{p + key}' does not hold one entry per task ({n}, as '{p}A')"
+    planned = saved.get("tasks_planned")
+    if planned is not None and (not isinstance(planned, int) or isinstance(planned, bool) or planned < n):
+        return f"'tasks_planned' = {json.dumps(planned)} is not a task count of at least the {n} tasks it lists"
+    return None
+
+
 class RunMetrics:
     """The metrics of one run, recorded task by task and written to ``run_dir/metrics.json`` each time."""
 
@@ -31,6 +62,7 @@ class RunMetrics:
         self.path = Path(run_dir) / "metrics.json"
         self.prefix = prefix
         self.values: dict = {k: [] for k in PER_TASK}
+        self.tasks_planned: Optional[int] = None  # the run's task count (set by main.py): --report tells a stopped run
 
     def record(self, res: dict, active: Optional[list], adapter_params: int, train_s: float, train_steps: int,
                eval_s: float) -> None:
@@ -74,13 +106,16 @@ class RunMetrics:
         return self.prefix + ("accuracy" if key == "accuracy_matrix" else key)
 
     def saved(self) -> dict:
-        """The metrics as metrics.json holds them (accuracy keys prefixed)."""
-        return {self._saved_name(k): v for k, v in self.values.items()}
+        """The metrics as metrics.json holds them (accuracy keys prefixed), and the tasks the run plans."""
+        out = {self._saved_name(k): v for k, v in self.values.items()}
+        if self.tasks_planned is not None:
+            out["tasks_planned"] = self.tasks_planned
+        return out
 
     def load(self, saved: dict) -> None:
         """Take back a metrics.json written by ``saved`` (resume)."""
         back = {self._saved_name(k): k for k in self.values}
-        self.values = {back.get(k, k): v for k, v in saved.items()}
+        self.values = {back.get(k, k): v for k, v in saved.items() if k != "tasks_planned"}
 
     def headline(self) -> str:
         m, p = self.values, self.prefix
