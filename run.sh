@@ -50,6 +50,11 @@
 # printed and saved in LOG_DIR/report_<time>/ (runs.md, summary.md, summary.csv, comparison.png).
 set -euo pipefail
 cd "$(dirname "$0")"
+MODES="quick offline inflora inflora_causes need baselines subspace curve shifted scan"
+if [ -n "${1:-}" ] && [[ "$1" != --* ]] && [[ " $MODES " != *" $1 "* ]]; then  # a typo is not a default batch
+  echo "error: run.sh: unknown mode '$1'; modes: $MODES (none: the default batch); overrides are written --key value" >&2
+  exit 2
+fi
 PY=${PYTHON:-python}
 JOBS=${JOBS:-1}
 ONLY=${ONLY:-.}   # a regular expression: only the runs whose name matches it

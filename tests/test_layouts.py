@@ -13,7 +13,7 @@ from tests.conftest import ROOT, TINY
 from utils.config import load_config
 from utils.data.datasets import DataError, load_dataset
 from utils.data.layouts import DOMAINS, load_cub, load_domainnet, load_split_folder
-from utils.data.prepare_split import plan, prepare
+from utils.data.prepare_split import SplitError, plan, prepare
 
 
 def _png(path: Path, value: int) -> None:
@@ -88,7 +88,7 @@ def test_prepare_split_writes_once_and_loads(tmp_path, capsys):
     assert all((dst / "train" / r).resolve() == (src / r).resolve() for r in rec["train"])  # symlinks
     prepare(src, dst, seed=3)  # again: found, unchanged
     assert "nothing to do" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="another split"):
+    with pytest.raises(SplitError, match="another split"):
         prepare(src, dst, seed=4)
     data = load_split_folder(str(dst), "imagenetr")
     assert len(data.x_train) == 16 and len(data.x_test) == 4 and data.class_names == sorted(

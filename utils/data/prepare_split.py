@@ -21,6 +21,14 @@ from pathlib import Path
 import torch
 
 
+class SplitError(ValueError):
+    """A source, destination or argument the split cannot use: exit 2, the message names it and the fix."""
+
+
+class WriteFailed(OSError):
+    """The split could not be written (exit 74, as main.py's failed writes); nothing half-made is left."""
+
+
 def split_indices(n: int, seed: int, test_fraction: float) -> tuple[list[int], list[int]]:
     """Train and test positions of n images: random_split's permutation after torch.manual_seed(seed)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -33,8 +41,9 @@ def plan(src: Path, seed: int, test_fraction: float) -> dict:
     from torchvision.datasets import ImageFolder
     try:
         samples = ImageFolder(str(src)).samples
-    except (FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"prepare_split: '{src}' is not a folder of class folders with images ({e})") from None
+    except (OSError, RuntimeError) as e:
+        raise SplitError(f"--src '{src}' is not a folder of class folders with images ({e}); give the raw download's "
+                         "folder (one folder per class)") from None
     rel = [str(Path(p).relative_to(src)) for p, _ in samples]
     tr, te = split_indices(len(rel), seed, test_fraction)
     return {"source": str(src.resolve()), "seed": seed, "test_fraction": test_fraction,
@@ -55,27 +64,43 @@ def prepare(src: Path, dst: Path, seed: int = 1993, test_fraction: float = 0.2, 
     """Write dst/train, dst/test and dst/split.json; a finished dst with the same split is left as it is."""
     record = plan(src, seed, test_fraction)
     done = dst / "split.json"
+    if dst.exists() and not dst.is_dir():
+        raise SplitError(f"--dst '{dst}' is a file; choose a folder")
     if done.is_file():
-        old = json.loads(done.read_text())
+        try:
+            old = json.loads(done.read_text())
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, OSError) as e:
+            raise SplitError(f"'{done}' is damaged ({e}); remove --dst '{dst}' and split again") from None
         if {k: old.get(k) for k in ("seed", "test_fraction", "train", "test")} == \
                 {k: record[k] for k in ("seed", "test_fraction", "train", "test")}:
             print(f"prepare_split: '{dst}' already holds this split ({record['n_train']} train, "
                   f"{record['n_test']} test); nothing to do")
             return record
-        raise SystemExit(f"prepare_split: '{dst}' holds another split (seed {old.get('seed')}, test_fraction "
+        raise SplitError(f"--dst '{dst}' holds another split (seed {old.get('seed')}, test_fraction "
                          f"{old.get('test_fraction')}); choose another --dst or remove it")
     if dst.exists() and any(dst.iterdir()):
-        raise SystemExit(f"prepare_split: '{dst}' exists and is not a finished split; choose another --dst or "
-                         "remove it")
+        raise SplitError(f"--dst '{dst}' exists and is not a finished split; choose another --dst or remove it")
+    parent = dst.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise SplitError(f"--dst '{dst}' cannot be made: '{parent}' is not a writable folder; choose another --dst")
     tmp = dst.with_name(dst.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    for part in ("train", "test"):
-        for r in record[part]:
-            _place(src / r, tmp / part / r, mode)
-    (tmp / "split.json").write_text(json.dumps(record, indent=1))
-    if dst.exists():
-        dst.rmdir()
-    tmp.rename(dst)
+    try:
+        for part in ("train", "test"):
+            for r in record[part]:
+                _place(src / r, tmp / part / r, mode)
+        (tmp / "split.json").write_text(json.dumps(record, indent=1))
+        if dst.exists():
+            dst.rmdir()
+        tmp.rename(dst)
+    except OSError as e:  # a full disk, a file system without links (--mode): nothing is left half-made
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteFailed(f"could not write the split into '{dst}' ({e.strerror or e}); free space, or try "
+                          "--mode copy where links are not allowed, then run it again") from None
     print(f"prepare_split: wrote {record['n_train']} train and {record['n_test']} test images ({mode}) to '{dst}'")
     return record
 
@@ -88,9 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test_fraction", type=float, default=0.2, help="share of images in test (default 0.2)")
     ap.add_argument("--mode", choices=("symlink", "hardlink", "copy"), default="symlink")
     a = ap.parse_args(argv)
-    if not 0 < a.test_fraction < 1:
-        raise SystemExit("prepare_split: --test_fraction must be in (0, 1)")
-    prepare(a.src, a.dst, a.seed, a.test_fraction, a.mode)
+    try:
+        if not 0 < a.test_fraction < 1:
+            raise SplitError(f"--test_fraction {a.test_fraction} must lie in (0, 1), e.g. 0.2")
+        prepare(a.src, a.dst, a.seed, a.test_fraction, a.mode)
+    except SplitError as e:
+        print(f"error: prepare_split: {e}", file=sys.stderr)
+        return 2
+    except WriteFailed as e:
+        print(f"error: prepare_split: {e}", file=sys.stderr)
+        return 74
     return 0
 
 
