@@ -25,6 +25,7 @@ from tqdm import tqdm
 from backbone.gate import AdapterGate
 from backbone.head import GrowingHead
 from backbone.vit import LoRAViT, create_vit
+from models import heads
 from utils.config import Config, check_device
 from utils import dist
 from utils.data.data_manager import DataManager, EpochSampler
@@ -80,6 +81,8 @@ class Learner:
         gate = self.make_gate(len(vit.blocks))
         backbone = LoRAViT(vit, gate, cfg.lora_targets, cfg.direction_norm, cfg.adapter_strategy)
         self.net = Net(backbone, self.make_head(backbone.num_features)).to(device)
+        # the classifier a test image meets when ``head`` is not the linear one (models/heads.py)
+        self.classifier = heads.make_head(cfg.head_kind, backbone.num_features, seed, device, cfg)
         mean = vit.pretrained_cfg.get("mean") if cfg.normalize else None
         std = vit.pretrained_cfg.get("std") if cfg.normalize else None
         self.train_tf, self.test_tf = build_transforms(cfg.img_size, cfg.crop_scale, mean, std)
@@ -267,7 +270,7 @@ class Learner:
         for x, y in tqdm(loader, desc=f"Eval task {task}", leave=False, disable=self.cfg.progress_disabled):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
-                logits = self.net(x).float()
+                logits = self.logits(x)
             preds.append(logits.argmax(1))
             labels.append(y)
             top5 += topk_correct(logits, y, 5)
@@ -288,6 +291,12 @@ class Learner:
             "top5": 100.0 * top5 / len(y),
             "grouped": self._grouped(hit, y, dm, task),
         }
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The scores a test image gets: the network's own head, or the statistics head (``head``)."""
+        if self.classifier is None:
+            return self.net(x).float()
+        return self.classifier.logits(self.net.backbone(x).float())
 
     @staticmethod
     def _grouped(hit: np.ndarray, y: np.ndarray, dm: DataManager, task: int) -> dict:
@@ -340,6 +349,8 @@ class Learner:
         if self.cfg.save_adapters:
             save_tensors(self.run_dir / f"task_{task}.safetensors", self.checkpoint_tensors(task),
                          metadata={"task": str(task), "model_name": self.cfg.model_name})
+        if self.classifier is not None:
+            heads.save_state(self, task)
 
     def restore(self, dm: DataManager, done: int) -> None:
         """Rebuild the state after tasks 0..done from a run folder's task checkpoints.
@@ -347,6 +358,12 @@ class Learner:
         Structure is replayed (head growth, adapters) and every tensor is loaded; no method
         decision (pruning, ...) is taken again: the last checkpoint's mask and gate are used.
         """
+        self.restore_network(dm, done)
+        if self.classifier is not None:
+            heads.restore_state(self, dm, done)
+
+    def restore_network(self, dm: DataManager, done: int) -> None:
+        """The network (adapters, gate, linear head) after task ``done``, from the task checkpoints."""
         try:
             self._restore(dm, done)
         except (RuntimeError, KeyError) as e:
@@ -368,6 +385,12 @@ class Learner:
         self.load_extra_tensors(ck)
         self.net.backbone.configure()
 
+    def _take_head(self, dm: DataManager, task: int, before: Optional[torch.Tensor]) -> None:
+        """The statistics head takes the task's classes (models/heads.py); its record goes to metrics.json."""
+        entries = dict(heads.take_task(self, dm, task, before), head_stored_numbers=self.classifier.stored_numbers())
+        for key, value in entries.items():
+            self.metrics.setdefault(key, []).append(value)
+
     # ---- the task loop ---------------------------------------------------------------------------
     def run(self, dm: DataManager, start: int = 0) -> dict:
         """Train and evaluate tasks ``start``..end; metrics.json and checkpoints after every task."""
@@ -379,7 +402,10 @@ class Learner:
         return self.metrics
 
     def _run_task(self, dm: DataManager, task: int) -> None:
-        """One task: seed, structure, training, evaluation, record, checkpoint."""
+        """One task: seed, structure, training, the statistics head, evaluation, record, checkpoint."""
+        h0 = time.perf_counter()
+        before = heads.features_before(self, dm, task)  # drift compensation's view of the task, if any
+        head_s = time.perf_counter() - h0
         seed_everything(task_seed(self.seed, task))
         lo, hi = dm.task_range(task)
         self.n_new = hi - lo
@@ -390,9 +416,13 @@ class Learner:
         self.train_task(task, self.train_loader(dm, task))
         self.end_task(task)
         t1 = time.perf_counter()
-        res = self.evaluate(dm, task)
+        if self.classifier is not None:
+            self._take_head(dm, task, before)
+            self.metrics.setdefault("head_seconds", []).append(head_s + time.perf_counter() - t1)
         t2 = time.perf_counter()
+        res = self.evaluate(dm, task)
+        t3 = time.perf_counter()
         # the checkpoint first: metrics.json listing the task is what marks it done for --resume, so a kill
         # between the two writes leaves the task to be trained again, never a done task without its tensors
         self.save_task(task)
-        self.record(task, res, t1 - t0, t2 - t1)
+        self.record(task, res, t1 - t0, t3 - t2)

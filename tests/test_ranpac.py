@@ -1,4 +1,5 @@
-"""RanPAC: a fixed random projection of the frozen features and a ridge classifier over accumulated statistics."""
+"""RanPAC: a fixed random projection of the frozen features and a ridge classifier over accumulated statistics
+(SimpleCIL's learner under the ridge head of models/heads.py)."""
 import json
 
 import pytest
@@ -7,7 +8,8 @@ from safetensors.torch import load_file
 
 from main import main
 from tests.conftest import run_config
-from models.ranpac import RIDGES, STATE, accumulate, choose_ridge, solve
+from models.heads import random_projection
+from models.ranpac import RIDGES, accumulate, choose_ridge, solve
 
 M = 24
 
@@ -55,8 +57,8 @@ def test_the_classifier_is_the_ridge_solution_over_every_image_seen(cfg, tmp_pat
     c = build_config(cfg)
     dm = make_data_manager(c, load_dataset(c), c.seeds[0])
     learner = get_learner("ranpac")(c, torch.device("cpu"), tmp_path / "scratch", c.seeds[0])
-    W_rand = load_file(str(rd / "task_0.safetensors"))["ranpac.W_rand"]
-    assert torch.equal(W_rand, torch.randn(W_rand.shape, generator=torch.Generator().manual_seed(c.seeds[0])))
+    W_rand = random_projection(learner.net.backbone.num_features, M, c.seeds[0])
+    assert torch.equal(learner.classifier.W_rand, W_rand)
     learner.net.eval()
     hs, ys = [], []
     for t in range(3):  # brute force: every training image of tasks 0..2 at once, in dataset order
@@ -67,27 +69,36 @@ def test_the_classifier_is_the_ridge_solution_over_every_image_seen(cfg, tmp_pat
         ys.append(torch.tensor([ds[i][1] for i in range(len(ds))]))
     h, y = torch.cat(hs), torch.cat(ys)
     Y = torch.nn.functional.one_hot(y, 6).double()
+    state = load_file(str(rd / "head_task_2.safetensors"))
+    torch.testing.assert_close(state["G"], h.T @ h, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(state["Q"], h.T @ Y, rtol=1e-6, atol=1e-6)
+    learner.classifier.load_state(state)
     want = solve(h.T @ h, h.T @ Y, m["ridge"][-1]).float()
-    torch.testing.assert_close(load_file(str(rd / "task_2.safetensors"))["head.weight"], want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(learner.classifier.W_o, want, rtol=1e-4, atol=1e-5)
 
 
-def test_resumed_ranpac_equals_uninterrupted_and_cannot_fork(cfg, tmp_path, capsys):
+def test_resumed_and_forked_ranpac_equal_uninterrupted(cfg, tmp_path):
     full = run(cfg, tmp_path)
     part = run(dict(cfg, max_tasks=1), tmp_path)
     assert main(["--resume", str(part), "--max_tasks", "3"]) == 0
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, part))
     assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["ridge"] == b["ridge"]
-    x, y = load_file(str(full / "task_2.safetensors")), load_file(str(part / "task_2.safetensors"))
+    x, y = load_file(str(full / "head_task_2.safetensors")), load_file(str(part / "head_task_2.safetensors"))
     assert all(torch.equal(x[k], y[k]) for k in x)
-    assert main(["--fork_from", str(full), "--fork_task", "1"]) == 2
-    assert "cannot fork" in capsys.readouterr().err
+    logs = tmp_path / "forks"
+    assert main(["--fork_from", str(full), "--fork_task", "1", f"--log_dir={logs}"]) == 0  # G, Q of task 0 rebuilt
+    (child,) = logs.iterdir()
+    assert json.loads((child / "metrics.json").read_text())["accuracy_matrix"] == a["accuracy_matrix"]
 
 
-def test_a_resume_without_the_statistics_names_the_files(cfg, tmp_path, capsys):
+def test_a_resume_without_the_statistics_rebuilds_them(cfg, tmp_path, capsys):
+    full = run(cfg, tmp_path)
     part = run(dict(cfg, max_tasks=1), tmp_path)
-    (part / STATE).unlink()
-    assert main(["--resume", str(part), "--max_tasks", "2"]) == 2
-    assert "no RanPAC statistics (G, Q) after task 0" in capsys.readouterr().err
+    (part / "head_task_0.safetensors").unlink()
+    assert main(["--resume", str(part), "--max_tasks", "3"]) == 0
+    assert "head_task_0.safetensors is not in the run folder: the ridge head is rebuilt" in capsys.readouterr().out
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, part))
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
 
 
 def test_ranpac_with_first_session_adaptation_resumes_exactly(cfg, tiny, tmp_path):

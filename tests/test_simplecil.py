@@ -1,4 +1,5 @@
-"""SimpleCIL: class prototypes of the frozen backbone, a cosine classifier, no training."""
+"""SimpleCIL: class prototypes of the frozen backbone, a cosine classifier, no training (the learner that trains
+nothing under the ncm head of models/heads.py)."""
 import json
 
 import torch
@@ -47,16 +48,14 @@ def test_prototypes_are_the_class_means_of_the_frozen_features_and_the_classifie
     # brute force: the backbone's features of every training image of a task (test transform), in one batch
     dm = make_data_manager(cfg, load_dataset(cfg), cfg.seeds[0])
     learner = get_learner("simplecil")(cfg, torch.device("cpu"), tmp_path / "scratch", cfg.seeds[0])
-    head = load_file(str(rd / "task_2.safetensors"))["head.weight"]
+    head = load_file(str(rd / "head_task_2.safetensors"))["means"].float()
     learner.net.eval()
     assert_prototypes(learner, dm, head, rtol=1e-5, atol=1e-6)
     # the logits are cosines: scaling a feature vector changes nothing
-    learner.net.head.expand(6)
-    with torch.no_grad():
-        learner.net.head.weight.copy_(head)
-        z = torch.randn(3, head.shape[1])
-        torch.testing.assert_close(learner.net.head(z), learner.net.head(5 * z))
-        assert learner.net.head(z).abs().max() <= 1 + 1e-6
+    learner.classifier.means = head.double()
+    z = torch.randn(3, head.shape[1])
+    torch.testing.assert_close(learner.classifier.logits(z), learner.classifier.logits(5 * z))
+    assert learner.classifier.logits(z).abs().max() <= 1 + 1e-6
 
 
 def test_resumed_simplecil_equals_uninterrupted(tiny, tmp_path):
@@ -66,7 +65,7 @@ def test_resumed_simplecil_equals_uninterrupted(tiny, tmp_path):
     assert main(["--resume", str(part), "--max_tasks", "3"]) == 0
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, part))
     assert a["accuracy_matrix"] == b["accuracy_matrix"]
-    x, y = load_file(str(full / "task_2.safetensors")), load_file(str(part / "task_2.safetensors"))
+    x, y = load_file(str(full / "head_task_2.safetensors")), load_file(str(part / "head_task_2.safetensors"))
     assert all(torch.equal(x[k], y[k]) for k in x)
 
 
@@ -88,7 +87,7 @@ def test_first_session_adaptation_trains_one_adapter_merges_it_and_resumes_exact
     learner.restore(dm, 2)
     assert learner.gate.frozen_active() == [] and learner.gate.current is None  # no adapter in the forward pass
     learner.net.eval()
-    head = load_file(str(full / "task_2.safetensors"))["head.weight"]
+    head = load_file(str(full / "head_task_2.safetensors"))["means"].float()
     assert_prototypes(learner, dm, head, rtol=1e-4, atol=1e-5)
     part = run(dict(cfg, max_tasks=1), tmp_path)
     assert main(["--resume", str(part), "--max_tasks", "3"]) == 0

@@ -16,6 +16,10 @@ ANY_LORA = LORA_METHODS + PLAIN_LORA
 SUBSPACE = ("sdlora", "sdlora_rr")  # methods whose adapters may train in a random subspace (SubLoRA)
 
 
+#: The methods whose own classifier is a statistics head (``head: null`` means this one for them).
+METHOD_HEADS = {"simplecil": "ncm", "ranpac": "ridge"}
+
+
 class ConfigError(ValueError):
     """A config that cannot run, with a message that says which key and how to fix it."""
 
@@ -258,6 +262,30 @@ class Config:
     compile: bool = _key(False, "torch.compile the backbone (CUDA only)")
     tf32: bool = _key(True, "allow TF32 matmuls on CUDA")
 
+    # --- classifier heads from feature statistics (models/heads.py) ------------------------
+    head: Optional[Literal["linear", "ncm", "ridge", "feature_ridge", "aligned"]] = _key(
+        None, "the classifier a test image meets: \"linear\" (the learner's SGD-trained head), \"ncm\" (nearest "
+        "class mean, cosine), \"ridge\" (RanPAC's ridge over a random ReLU projection, ranpac_dim wide), "
+        "\"feature_ridge\" (ridge over the features themselves, from class means and one pooled scatter) or "
+        "\"aligned\" (the linear head trained again after each task on samples of every class's Gaussian, SLCA); "
+        "the statistics are taken after each task through that task's backbone, no image kept; null: the "
+        "method's own (linear; simplecil ncm; ranpac ridge)")
+    ranpac_dim: int = _key(10000, "head \"ridge\": M, the random projection's width (RanPAC's default 10,000); "
+                           "G is M x M float64", check=_positive)
+    drift_compensation: Literal["none", "sdc", "linear"] = _key(
+        "none", "heads \"ncm\", \"feature_ridge\" and \"aligned\": move the old classes' statistics by the drift the current task's "
+        "images show between the backbone before the task and after it: \"sdc\" (each old mean by the "
+        "Gaussian-weighted mean drift of the images near it, SDC) or \"linear\" (means and covariances through "
+        "the least-squares affine map from old to new features, LDC)")
+    sdc_sigma: float = _key(1.0, "drift_compensation \"sdc\": the bandwidth, in units of the root mean squared "
+                            "distance from the task's images to the class means", check=_positive)
+    align_samples: int = _key(256, "head \"aligned\": samples per class per epoch (SLCA's 256)", check=_positive)
+    align_epochs: int = _key(5, "head \"aligned\": alignment epochs after each task (SLCA's 5)", check=_positive)
+    align_lr: float = _key(0.01, "head \"aligned\": SGD learning rate of the alignment (cosine over its epochs)",
+                           check=_positive)
+    align_temperature: float = _key(0.1, "head \"aligned\": SLCA's logit normalisation temperature (0: off)",
+                                    check=_non_negative)
+
     # --- SD-LoRA-KD (SPEC section 4) -------------------------------------------------------
     kd_threshold: float = _key(0.5, "drop the new adapter when its direction's least-squares fit onto the "
                                "earlier directions has a relative residual below this", KD, check=_non_negative)
@@ -290,6 +318,11 @@ class Config:
     def progress_disabled(self) -> Optional[bool]:
         """tqdm's ``disable``: None lets tqdm switch bars off when the output is not a terminal."""
         return None if self.progress == "auto" else not self.progress
+
+    @property
+    def head_kind(self) -> str:
+        """The classifier in force: ``head``, or the method's own when it is null."""
+        return self.head or METHOD_HEADS.get(self.model_name, "linear")
 
     @property
     def seeds(self) -> list[int]:

@@ -1,0 +1,196 @@
+"""The statistics heads (models/heads.py): each against a brute-force reference, drift compensation, and a run
+with each head: the adapters train as under the linear head, the saved state equals a replay of the
+checkpoints, resume and fork equal the uninterrupted run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models.heads import (AlignedHead, NCMHead, RidgeHead, choose_ridge, class_covariances, gaussian_samples,
+                          linear_drift_map, random_projection, sdc_shift)
+from tests.conftest import resumed_and_uninterrupted, run_config
+
+
+class _Cfg:
+    ranpac_dim, align_samples, align_epochs, align_lr, align_temperature = 32, 64, 2, 0.01, 0.1
+
+
+def _tasks(seed=0, d=8, tasks=3, per=2, n=20):
+    """Features and labels of ``tasks`` tasks of ``per`` classes, ``n`` images a class, classes apart."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in range(tasks):
+        y = torch.arange(t * per, (t + 1) * per).repeat_interleave(n)
+        f = torch.randn(len(y), d, generator=g) + 3 * torch.randn(per * tasks, d, generator=g)[y]
+        out.append((f, y, range(t * per, (t + 1) * per)))
+    return out
+
+
+def test_ncm_means_and_cosine_logits():
+    h = NCMHead(8, 0, torch.device("cpu"))
+    data = _tasks()
+    for t, (f, y, cls) in enumerate(data):
+        h.observe(t, f, y, cls)
+    f = torch.cat([d[0] for d in data])
+    y = torch.cat([d[1] for d in data])
+    brute = torch.stack([f[y == c].double().mean(0) for c in range(6)])
+    assert torch.allclose(h.means, brute, atol=1e-12)
+    x = torch.randn(5, 8)
+    cos = torch.stack([torch.stack([torch.nn.functional.cosine_similarity(x[i], brute[c].float(), dim=0)
+                                    for c in range(6)]) for i in range(5)])
+    assert torch.allclose(h.logits(x), cos, atol=1e-6)
+
+
+def test_ridge_is_the_closed_form_over_every_image():
+    h = RidgeHead(8, 3, torch.device("cpu"), _Cfg)
+    data = _tasks()
+    for t, (f, y, cls) in enumerate(data):
+        h.observe(t, f, y, cls)
+    f = torch.cat([d[0] for d in data])
+    y = torch.cat([d[1] for d in data])
+    H = torch.relu(f @ random_projection(8, 32, 3)).double()
+    Y = torch.nn.functional.one_hot(y, 6).double()
+    lam = h.ridges[-1]
+    W = torch.linalg.solve(H.t() @ H + lam * torch.eye(32, dtype=torch.float64), H.t() @ Y)
+    assert torch.allclose(h.W_o.double(), W.t(), rtol=1e-4, atol=1e-6)
+    # the ridge is the validation search's choice on the last task's own images
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(3 + 7919 * 2))
+    f2, y2, _ = data[2]
+    assert lam == choose_ridge(torch.relu(f2[order] @ random_projection(8, 32, 3)), y2[order] - 4, 2)[0]
+
+
+def test_covariances_and_gaussian_samples():
+    f, y, cls = _tasks(d=5, n=50)[1]
+    cov = class_covariances(f, y, cls)
+    for i, c in enumerate(cls):
+        assert torch.allclose(cov[i], torch.cov(f[y == c].double().t()), atol=1e-10)
+    means = torch.tensor([[1.0, -2, 0, 3, 0.5], [0, 0, 5, 0, 0]], dtype=torch.float64)
+    x, lab = gaussian_samples(means, cov, 40000, torch.Generator().manual_seed(0))
+    assert lab.tolist() == [0] * 40000 + [1] * 40000
+    for c in range(2):
+        s = x[lab == c].double()
+        assert torch.allclose(s.mean(0), means[c], atol=0.05)
+        assert torch.allclose(torch.cov(s.t()), cov[c], atol=0.05 * float(cov[c].abs().max()))
+
+
+def test_sdc_shift_is_the_weighted_mean_drift():
+    g = torch.Generator().manual_seed(1)
+    old, means = torch.randn(30, 4, generator=g), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    new = old + torch.randn(30, 4, generator=g)
+    got = sdc_shift(old, new, means, sigma=0.7)
+    d2 = torch.tensor([[float(((old[i].double() - means[c]) ** 2).sum()) for i in range(30)] for c in range(3)])
+    s2 = 0.49 * d2.mean()
+    for c in range(3):
+        w = torch.exp(-d2[c] / (2 * s2))
+        want = (w[:, None] * (new - old).double()).sum(0) / w.sum()
+        assert torch.allclose(got[c], want, atol=1e-10)
+
+
+def test_linear_drift_map_recovers_an_affine_drift():
+    g = torch.Generator().manual_seed(2)
+    old = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    P, b = torch.randn(6, 6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    P_, b_ = linear_drift_map(old, old @ P + b, ridge=1e-12)
+    assert torch.allclose(P_, P, atol=1e-6) and torch.allclose(b_, b, atol=1e-6)
+    h = AlignedHead(6, 0, torch.device("cpu"), _Cfg)
+    h.means, h.covs = torch.randn(2, 6, dtype=torch.float64), torch.eye(6, dtype=torch.float64).repeat(2, 1, 1)
+    means = h.means.clone()
+    h.compensate("linear", old, old @ P + b, 1.0)
+    P_, b_ = linear_drift_map(old, old @ P + b)  # the default ridge: what compensate uses
+    assert torch.allclose(h.covs[0], P_.t() @ P_, atol=1e-10) and torch.allclose(h.means, means @ P_ + b_)
+
+
+def test_aligned_head_moves_towards_the_gaussians():
+    """Alignment from a random head on separable Gaussians classifies their means."""
+    class Cfg(_Cfg):
+        align_epochs = 20
+    torch.manual_seed(0)
+    h = AlignedHead(8, 0, torch.device("cpu"), Cfg)
+    for t, (f, y, cls) in enumerate(_tasks()):
+        fresh = torch.nn.Linear(8, 2)
+        h.set_start(torch.cat([h.weight, fresh.weight]), torch.cat([h.bias, fresh.bias]))
+        h.observe(t, f, y, cls)
+    assert (h.logits(h.means.float()).argmax(1) == torch.arange(6)).all()
+
+
+# ---- runs -------------------------------------------------------------------------------------------------------
+HEADS = [dict(head="ncm"), dict(head="ncm", drift_compensation="sdc"), dict(head="ridge", ranpac_dim=48),
+         dict(head="aligned", drift_compensation="linear", align_epochs=2, align_samples=32)]
+
+
+def _ids(over):
+    return "-".join(str(v) for v in over.values())
+
+
+@pytest.mark.parametrize("over", HEADS, ids=_ids)
+def test_head_changes_no_training_and_its_state_is_a_replay(tiny, tmp_path, over):
+    """The adapters and linear head trained under a statistics head are the linear run's, bit for bit; the
+    saved head state equals one rebuilt from the checkpoints (what a fork at an earlier task does)."""
+    import main as entry
+    from models import get_learner
+    from models.heads import rebuild
+    from utils.config import build_config
+    from utils.data.datasets import load_dataset
+    plain = run_config(dict(tiny, log_dir=str(tmp_path / "plain")), tmp_path)
+    run = run_config(dict(tiny, log_dir=str(tmp_path / "head"), **over), tmp_path)
+    for t in range(3):
+        a, b = load_file(str(plain / f"task_{t}.safetensors")), load_file(str(run / f"task_{t}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg = build_config(json.loads((run / "config.json").read_text()))
+    dm = entry.make_data_manager(cfg, load_dataset(cfg), cfg.seeds[0])
+    fresh = get_learner(cfg.model_name)(cfg, torch.device("cpu"), run, cfg.seeds[0])
+    rebuild(fresh, dm, 2)
+    saved = load_file(str(run / "head_task_2.safetensors"))
+    for k, v in fresh.classifier.state_tensors().items():
+        assert torch.equal(v, saved[k]), k
+    m = json.loads((run / "metrics.json").read_text())
+    assert len(m["head_seconds"]) == 3 and m["head_stored_numbers"][-1] == fresh.classifier.stored_numbers()
+    assert not (run / "head_task_0.safetensors").exists()  # the latest two are kept
+
+
+@pytest.mark.parametrize("over", HEADS, ids=_ids)
+def test_resume_with_each_head_equals_uninterrupted(tiny, tmp_path, over):
+    cut, full = resumed_and_uninterrupted(dict(tiny, **over), tmp_path)
+    for k in ("accuracy_matrix", "A", "head_stored_numbers"):
+        assert cut[k] == full[k], k
+
+
+@pytest.mark.parametrize("over", [HEADS[1], HEADS[3]], ids=_ids)
+def test_fork_with_a_head_equals_uninterrupted(tiny, tmp_path, over):
+    """A fork at task 1 (the head state of task 0 is no longer in the parent: rebuilt from the checkpoints)
+    equals the uninterrupted run; a fork that changes the head is refused (the kept tasks were evaluated under
+    the parent's)."""
+    from main import main
+    full = run_config(dict(tiny, log_dir=str(tmp_path / "full"), **over), tmp_path)
+    want = json.loads((full / "metrics.json").read_text())
+    logs = tmp_path / "fork"
+    assert main(["--fork_from", str(full), "--fork_task", "1", f"--log_dir={logs}"]) == 0
+    (child,) = logs.iterdir()
+    assert json.loads((child / "metrics.json").read_text())["accuracy_matrix"] == want["accuracy_matrix"]
+    assert main(["--fork_from", str(full), "--fork_task", "1", f"--log_dir={tmp_path / 'no'}", "--head=linear"]) == 2
+    assert not (tmp_path / "no").exists()
+
+
+def test_linear_default_is_the_unset_head(tiny, tmp_path):
+    a = run_config(dict(tiny, log_dir=str(tmp_path / "a")), tmp_path)
+    b = run_config(dict(tiny, log_dir=str(tmp_path / "b"), head="linear"), tmp_path, "b.json")
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert ma["accuracy_matrix"] == mb["accuracy_matrix"] and "head_seconds" not in ma
+    assert not list(Path(a).glob("head_task_*"))
+
+
+@pytest.mark.parametrize("bad, says", [
+    (dict(align_epochs=3), "'align_epochs' only applies"),
+    (dict(head="ridge", drift_compensation="sdc"), "'drift_compensation' only applies"),
+    (dict(head="ncm", sdc_sigma=0.5), "'sdc_sigma' only applies"),
+    (dict(head="bogus"), "head"),
+    (dict(model_name="lora_task_id", head="ncm"), "lora_task_id"),
+])
+def test_bad_head_keys_are_refused(tiny, bad, says):
+    from utils.config import ConfigError, build_config
+    with pytest.raises(ConfigError, match=says):
+        build_config(dict(tiny, **bad))
