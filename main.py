@@ -355,6 +355,10 @@ def _main(argv: list[str] | None = None) -> int:
         if not args.config:
             parser.error("--config is required (for example --config=exps/demo.json)")
         cfg = resolve_paths(load_config(args.config, overrides))  # config.json names its files from any directory
+        twice = sorted({s for s in cfg.seeds if cfg.seeds.count(s) > 1})
+        if twice:
+            raise ConfigError(f"config key 'seed' = {json.dumps(cfg.seed)} lists seed(s) {twice} more than once: the "
+                              "same run twice, not another seed; list each seed once")
         device = resolve_device(cfg.device)
         dist.init(device.type)
         check_distributed(cfg)

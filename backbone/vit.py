@@ -71,7 +71,10 @@ def create_vit(name: str, pretrained: bool, pretrained_path: Optional[str], img_
             raise BackboneError(f"timm could not build '{name}' with {kwargs or {}} (config key backbone_kwargs): "
                                 f"{type(e).__name__}: {e}") from None
         raise BackboneError(f"could not load weights for '{name}' from {where}: {type(e).__name__}: {e}") from None
-    if not hasattr(model, "blocks") or not hasattr(model.blocks[0].attn, "qkv"):
+    if not hasattr(model, "blocks") or not len(model.blocks):
+        raise BackboneError(f"'{name}' with {kwargs or {}} has no transformer blocks (config key backbone_kwargs): "
+                            "a depth of at least 1 is needed")
+    if not hasattr(getattr(model.blocks[0], "attn", None), "qkv"):
         raise BackboneError(f"'{name}' is not a ViT with fused attn.qkv layers")
     return model
 

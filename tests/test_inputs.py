@@ -121,11 +121,13 @@ def test_bad_weights_stop_before_any_folder(kind, needle, tiny, tmp_path, capsys
     assert not Path(tiny["log_dir"]).exists()  # no run folder, no log_dir
 
 
-def test_an_unknown_backbone_or_kwargs_stop_before_any_folder(tiny, tmp_path, capsys):
+def test_an_unknown_backbone_bad_kwargs_or_a_repeated_seed_stop_before_any_folder(tiny, tmp_path, capsys):
     cfg = write(tmp_path / "c.json", tiny)
     refused([f"--config={cfg}", "--backbone_type", "vit_tiny_patch16_22"], capsys, "backbone_type",
             "unknown timm model 'vit_tiny_patch16_22'")
     refused([f"--config={cfg}", "--backbone_kwargs", '{"depht": 2}'], capsys, "backbone_kwargs")
+    refused([f"--config={cfg}", "--backbone_kwargs", '{"depth": 0}'], capsys, "backbone_kwargs", "no transformer blocks")
+    refused([f"--config={cfg}", "--seed", "[7, 8, 7]"], capsys, "config key 'seed'", "[7] more than once")
     assert not Path(tiny["log_dir"]).exists()
 
 
