@@ -133,6 +133,9 @@ class Learner:
         if self.cfg.alpha_reset_each_task:
             self.gate.reset_alphas(self.alpha_init)
         self.net.backbone.add_task(task, self.rank(task), self.alpha_init, self.adapter_spec(task))
+        if not self.cfg.train_old_alphas:
+            for t in range(task):
+                self.gate.alpha[str(t)].requires_grad_(False)
         self.net.to(self.device)
 
     def train_task(self, task: int, loader: DataLoader) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.heads import (AlignedHead, NCMHead, RidgeHead, choose_ridge, class_covariances, gaussian_samples,
+from models.heads import (AlignedHead, FeatureRidgeHead, NCMHead, RidgeHead, choose_ridge, class_covariances, gaussian_samples,
                           linear_drift_map, random_projection, sdc_shift)
 from tests.conftest import resumed_and_uninterrupted, run_config
 
@@ -61,6 +61,28 @@ def test_ridge_is_the_closed_form_over_every_image():
     order = torch.randperm(40, generator=torch.Generator().manual_seed(3 + 7919 * 2))
     f2, y2, _ = data[2]
     assert lam == choose_ridge(torch.relu(f2[order] @ random_projection(8, 32, 3)), y2[order] - 4, 2)[0]
+
+
+def test_feature_ridge_from_statistics_is_the_ridge_over_every_image():
+    """G = S + sum n_c mu_c mu_c^T is H^T H exactly; compensation shifts the means and keeps S."""
+    h = FeatureRidgeHead(8, 3, torch.device("cpu"))
+    data = _tasks()
+    for t, (f, y, cls) in enumerate(data):
+        h.observe(t, f, y, cls)
+    f = torch.cat([d[0] for d in data]).double()
+    y = torch.cat([d[1] for d in data])
+    Y = torch.nn.functional.one_hot(y, 6).double()
+    W = torch.linalg.solve(f.t() @ f + h.ridges[-1] * torch.eye(8, dtype=torch.float64), f.t() @ Y)
+    assert torch.allclose(h.W_o.double(), W.t(), rtol=1e-4, atol=1e-6)
+    scatter = h.scatter.clone()
+    old = f[:10].float()
+    h.compensate("sdc", old, old + 1.0, 1.0)  # every image moved by 1: so does every mean
+    assert torch.equal(h.scatter, scatter)
+    shifted = torch.stack([f[y == c].mean(0) + 1.0 for c in range(6)])
+    assert torch.allclose(h.means, shifted, atol=1e-10)
+    G = scatter + (shifted * h.counts[:, None]).t() @ shifted
+    W = torch.linalg.solve(G + h.ridges[-1] * torch.eye(8, dtype=torch.float64), (shifted * h.counts[:, None]).t())
+    assert torch.allclose(h.W_o.double(), W.t(), rtol=1e-4, atol=1e-6)
 
 
 def test_covariances_and_gaussian_samples():
@@ -119,6 +141,7 @@ def test_aligned_head_moves_towards_the_gaussians():
 
 # ---- runs -------------------------------------------------------------------------------------------------------
 HEADS = [dict(head="ncm"), dict(head="ncm", drift_compensation="sdc"), dict(head="ridge", ranpac_dim=48),
+         dict(head="feature_ridge", drift_compensation="sdc"),
          dict(head="aligned", drift_compensation="linear", align_epochs=2, align_samples=32)]
 
 
@@ -194,3 +217,13 @@ def test_bad_head_keys_are_refused(tiny, bad, says):
     from utils.config import ConfigError, build_config
     with pytest.raises(ConfigError, match=says):
         build_config(dict(tiny, **bad))
+
+
+def test_frozen_old_alphas_keep_their_values(tiny, tmp_path):
+    """train_old_alphas false: each alpha trains on its own task only (with alpha_reset_each_task false, an
+    old class's features then move only by the adapters added after it)."""
+    run = run_config(dict(tiny, log_dir=str(tmp_path / "a"), alpha_reset_each_task=False, train_old_alphas=False,
+                          lrate=0.05), tmp_path)
+    alphas = [load_file(str(run / f"task_{t}.safetensors"))["gate.alpha"] for t in range(3)]
+    assert torch.equal(alphas[1][:1], alphas[0]) and torch.equal(alphas[2][:2], alphas[1])
+    assert not torch.equal(alphas[0], torch.tensor([0.8]))  # it trained on its own task

@@ -213,6 +213,9 @@ class Config:
     alpha_init: Optional[float] = _key(None, "initial magnitude (default 0.8 SD-LoRA, 1.0 Gumbel)", LORA_METHODS,
                                      check=_positive)
     alpha_reset_each_task: bool = _key(True, "re-initialise every alpha at each new task", LORA_METHODS)
+    train_old_alphas: bool = _key(True, "the earlier adapters' magnitudes train on every later task (SD-LoRA); false: "
+                                  "each alpha trains on its own task only, so an old class's features move only by "
+                                  "the adapters added after it (less drift for a statistics head)", ("sdlora",))
     intrinsic_dim: Optional[int] = _key(
         None, "SubLoRA: each task's LoRA factors are theta_0 + P z with z of this many numbers, all that trains "
         "and is stored (null: plain LoRA)", SUBSPACE, check=_positive)
