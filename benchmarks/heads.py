@@ -35,6 +35,7 @@ from models.heads import HEADS, AlignedHead  # noqa: E402
 from utils.config import build_config  # noqa: E402
 from utils.data.data_manager import DataManager  # noqa: E402
 from utils.data.datasets import load_dataset  # noqa: E402
+from utils.metrics import summarize  # noqa: E402
 
 
 @torch.no_grad()
@@ -107,7 +108,7 @@ def replay(F: dict, head: str, compensation: str = "none", oracle: bool = False,
         y = F[f"y_test.{T}"]
         acc = 100.0 * float((h.logits(F[f"test.{T}"]).argmax(1) == y).double().mean())
         return {"A_last": acc}
-    A = []
+    A, matrix = [], []
     h = HEADS[head](d, seed, torch.device("cpu"), cfg) if head != "linear" else None
     for t, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
         lo, hi = int(lo), int(hi)
@@ -126,8 +127,10 @@ def replay(F: dict, head: str, compensation: str = "none", oracle: bool = False,
             h.observe(t, f[sel], y[sel], range(lo, hi))
             logits = h.logits(F[f"test.{t}"])
         yt = F[f"y_test.{t}"]
-        A.append(100.0 * float((logits.argmax(1) == yt).double().mean()))
-    out = {"A": A, "A_last": A[-1], "A_avg": float(np.mean(A))}
+        hit = (logits.argmax(1) == yt).double()
+        A.append(100.0 * float(hit.mean()))
+        matrix.append([100.0 * float(hit[(yt >= bounds[j]) & (yt < bounds[j + 1])].mean()) for j in range(t + 1)])
+    out = dict(summarize(matrix, A), A=A, accuracy_matrix=matrix)
     if h is not None:
         true = torch.stack([F["final"][F["y_final"] == c].double().mean(0) for c in range(h.n_classes)])
         rel = ((h.means - true).norm(dim=1) / true.norm(dim=1)).numpy()
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = json.loads((args.run_dir / "config.json").read_text())["seed"]
     cfg = _Cfg(**{k: v for k, v in vars(args).items() if k in ("ranpac_dim", "sdc_sigma") and v is not None})
     rows = {}
-    print("variant | A_last | A_avg | drift of task 0's means at the end (relative)")
+    print("variant | A_last | A_avg | forgetting | drift of task 0's means at the end (relative)")
     for v in args.variants:
         t0 = time.perf_counter()
         oracle = v.startswith("oracle:")
@@ -160,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         r = replay(F, head, comp or "none", oracle, seed, cfg)
         rows[v] = r
         d = r.get("drift", {}).get("task 0")
-        print(f"{v} | {r['A_last']:.2f} | {r.get('A_avg', float('nan')):.2f} | {'' if d is None else f'{d:.3f}'} "
+        print(f"{v} | {r['A_last']:.2f} | {r.get('A_avg', float('nan')):.2f} | {r.get('forgetting', float('nan')):.2f} | "
+              f"{'' if d is None else f'{d:.3f}'} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

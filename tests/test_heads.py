@@ -227,3 +227,18 @@ def test_frozen_old_alphas_keep_their_values(tiny, tmp_path):
     alphas = [load_file(str(run / f"task_{t}.safetensors"))["gate.alpha"] for t in range(3)]
     assert torch.equal(alphas[1][:1], alphas[0]) and torch.equal(alphas[2][:2], alphas[1])
     assert not torch.equal(alphas[0], torch.tensor([0.8]))  # it trained on its own task
+
+
+def test_the_replay_gives_each_run_its_own_numbers(tiny, tmp_path):
+    """benchmarks/heads.py over a linear-head run: its linear row is the run's, its feature_ridge + sdc row the
+    numbers a run with that head in force records."""
+    from benchmarks.heads import cache_features, replay, _Cfg
+    plain = run_config(dict(tiny, log_dir=str(tmp_path / "plain")), tmp_path)
+    with_head = run_config(dict(tiny, log_dir=str(tmp_path / "head"), head="feature_ridge",
+                                drift_compensation="sdc", sdc_sigma=0.5), tmp_path, "h.json")
+    F = cache_features(plain, tmp_path / "cache.safetensors")
+    want = [json.loads((d / "metrics.json").read_text()) for d in (plain, with_head)]
+    for got, m in zip((replay(F, "linear", seed=7), replay(F, "feature_ridge", "sdc", seed=7, cfg=_Cfg(sdc_sigma=0.5))),
+                      want):
+        assert sum(got["accuracy_matrix"], []) == pytest.approx(sum(m["accuracy_matrix"], []), abs=1e-9)
+        assert got["forgetting"] == pytest.approx(m["forgetting"], abs=1e-9)
