@@ -39,6 +39,12 @@ if [ "${RERUN:-0}" = 1 ]; then  # a row's state is its run folder now, not its c
   echo "error: run.sh: RERUN=1 is gone: a finished row is found by its run folder; to start rows afresh use another LOG_DIR or move LOG_DIR/ROW_SEED/ away" >&2
   exit 2
 fi
+for v in STREAMS PLACEMENTS EVENS REFS DIMS STALE_S; do  # read by the old run.sh: ignoring them would start other rows
+  if [ -n "${!v+x}" ]; then
+    echo "error: run.sh: $v is no longer read (the rows are exps/sweeps/$MODE.json; docs/sweeps.md says what replaces it); unset it and pick rows with ONLY" >&2
+    exit 2
+  fi
+done
 if [ "$MODE" = quick ] && [ "${PROTOCOL:-quick}" != quick ]; then export TAG="${PROTOCOL}_"; fi  # rows offline_sdlora_1993, ...
 PY=${PYTHON:-python}
 # shellcheck disable=SC2086  # SLURM_ARGS is a list of options

@@ -116,5 +116,7 @@ def test_unknown_modes_rerun_and_a_seed_override_are_refused_with_exit_2(stub, t
            "subspace" in out
     _, out = run_sh(stub, tmp_path, "quick", code=2, RERUN="1")
     assert "RERUN=1 is gone" in out
+    _, out = run_sh(stub, tmp_path, "need", code=2, EVENS="")  # an old list variable: other rows would start
+    assert "EVENS is no longer read" in out
     _, out = run_sh(stub, tmp_path, "quick", "--seed", "5", code=2)
     assert "error: sweep: override --seed" in out and not (tmp_path / "logs").exists()
