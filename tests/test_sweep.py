@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -273,6 +274,13 @@ def test_slurm_submits_one_array_with_a_limit_then_children_after_their_parent_j
     assert capsys.readouterr().out.count("is in the queue (submitted before)") == 6
 
 
+def test_slurm_refuses_an_unknown_parameter_before_anything_is_written(tmp_path, cluster, capsys):
+    logs = tmp_path / "logs"
+    assert sweep([str(write(tmp_path, LEAST)), "--executor", "slurm", "--log_dir", str(logs), "--slurm", "gpus=1"]) == 2
+    assert "Unavailable parameter(s): ['gpus']" in capsys.readouterr().err and not logs.exists()
+    assert not list(cluster.glob("sbatch_*.sh"))
+
+
 def test_slurm_submits_a_child_once_its_parent_has_the_task_it_forks_at(tmp_path, cluster):
     from utils.sweep.drive import Drive
     from utils.sweep.slurm import SlurmLauncher, make_executor
@@ -288,7 +296,7 @@ def test_slurm_submits_a_child_once_its_parent_has_the_task_it_forks_at(tmp_path
     made_up(logs, "a_1993", 2)
     assert drive.step() and len(list(cluster.glob("sbatch_*.sh"))) == 2
     child = (cluster / "sbatch_1.sh").read_text()
-    assert "--dependency" not in child and "--array" not in child
+    assert "--dependency" not in child and "--array" not in child and "#SBATCH --time=720" in child  # the default
     assert any(f"--fork_from {parent} --fork_task 2" in l for l in lines)
     made_up(logs, "a_1993", 3), made_up(logs, "b_1993", 3)
     set_states(cluster, **{"12": "COMPLETED", "13": "COMPLETED"})
@@ -324,18 +332,26 @@ def test_a_slurm_job_runs_its_row_and_on_preemption_stops_it_and_requeues_a_resu
     assert job() == str(logs / "a_1993" / "run")             # a new run, to the end
     monkeypatch.setenv("STUB_SLEEP", "1")
     child = RowJob(b, a, str(logs), str(stub), str(ROOT), {"epochs": 1})
-    errors = []
-    worker = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, child)))
-    worker.start()
-    deadline = time.monotonic() + 30
-    while not (logs / "b_1993" / "run" / "metrics.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    requeued = child.checkpoint()                             # what submitit calls on USR2
-    worker.join(30)
-    assert "exited 143" in str(errors[0].value)               # main.py stopped on SIGTERM
+    requeued = []
+
+    def preempt():  # SLURM's warning, as submitit gets it: USR2 to the job's process while main.py trains
+        deadline = time.monotonic() + 30
+        while not (logs / "b_1993" / "run" / "metrics.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    previous = signal.signal(signal.SIGUSR2, lambda *_: requeued.append(child.checkpoint()))  # submitit's handler
+    threading.Thread(target=preempt, daemon=True).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match="exited 143"):  # main.py stopped on SIGTERM, its tasks saved
+            child()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert time.monotonic() - started < 20 and len(requeued) == 1
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls[1].startswith(f"--fork_from {logs / 'a_1993' / 'run'} --fork_task 2 --config exps/demo.json")
-    again = pickle.loads(pickle.dumps(requeued.function))     # as the requeued job reads it back
+    again = pickle.loads(pickle.dumps(requeued[0].function))  # as the requeued job reads it back
     assert again.command() == ["--resume", str(logs / "b_1993" / "run")]
 
 

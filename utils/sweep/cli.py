@@ -122,10 +122,6 @@ def run(argv: Optional[list[str]] = None) -> int:
             return dry(sweep, selected, log_dir, args.python)
         if args.jobs is not None and args.jobs < 1:
             raise SweepError(f"--jobs {args.jobs}: give 1 or more")
-        try:
-            log_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise SweepError(f"--log_dir '{log_dir}' cannot be made ({e.strerror or e}); choose another") from None
         if args.executor == "local":
             from utils.sweep.local import LocalLauncher, find_gpus
             jobs = args.jobs or 1
@@ -135,10 +131,14 @@ def run(argv: Optional[list[str]] = None) -> int:
             from utils.sweep.slurm import SlurmLauncher, make_executor, submit_all
             jobs = args.jobs or 64
             options = {k: parse_value(v) for k, v in pairs(args.slurm, "--slurm").items()}
-            launcher = SlurmLauncher(jobs, make_executor(sweep, log_dir, jobs, options), sweep, log_dir,
+            launcher = SlurmLauncher(jobs, make_executor(sweep, log_dir.resolve(), jobs, options), sweep, log_dir,
                                      args.python, args.poll if args.poll is not None else 30.0)
-            if args.children == "afterok":
-                return submit_all(launcher, selected)
+        try:  # the last check: nothing is written before the options and every row have passed
+            log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SweepError(f"--log_dir '{log_dir}' cannot be made ({e.strerror or e}); choose another") from None
+        if args.executor == "slurm" and args.children == "afterok":
+            return submit_all(launcher, selected)
     except SweepError as e:
         print(f"error: sweep: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ submitting them twice.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from dataclasses import dataclass, field, fields
@@ -75,28 +76,47 @@ class RowJob:
         """Preemption or the time limit: stop main.py (it saves what is finished), then requeue this job, which
         resumes the run folder (submitit calls this on USR2)."""
         proc = getattr(self, "_proc", None)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if proc is not None:
+            stop(proc)
         return submitit().helpers.DelayedSubmission(RowJob(**{f.name: getattr(self, f.name) for f in fields(self)}))
 
     def __getstate__(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
+    """SIGTERM to main.py, SIGKILL after ``grace`` seconds. It waits with waitid(WNOWAIT), not proc.wait(): this
+    runs in submitit's signal handler, which interrupts the job's own proc.wait() while that holds Popen's lock."""
+    if proc.returncode is not None:
+        return
+    proc.terminate()
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return
+        except ChildProcessError:  # already reaped
+            return
+        time.sleep(0.1)
+    proc.kill()
+
+
+#: What a job gets unless the sweep file or --slurm says otherwise: 12 hours (submitit's default is 5 minutes), and
+#: up to 10 requeues after the time limit, each resuming the run folder.
+DEFAULTS = {"time": 720, "max_num_timeout": 10}
+
+
 def make_executor(sweep: Sweep, log_dir: Path, jobs: int, options: dict) -> Any:
     """A submitit SlurmExecutor with the sweep's resources ("slurm" in the file), the command line's on top, an
     array limit of ``jobs``; SweepError for a parameter submitit does not know, or no srun."""
     module = submitit()
-    params = {"job_name": f"sweep_{sweep.name}"}
+    params = dict(DEFAULTS, job_name=f"sweep_{sweep.name}")
     params.update(sweep.slurm)
     params.update(options)
     params["array_parallelism"] = jobs
+    timeouts = params.pop("max_num_timeout")
     try:
-        executor = module.SlurmExecutor(folder=log_dir / ".submitit" / "%j")
+        executor = module.SlurmExecutor(folder=log_dir / ".submitit" / "%j", max_num_timeout=int(timeouts))
         executor.update_parameters(**params)
     except (RuntimeError, ValueError) as e:
         raise SweepError(f"--executor slurm: {str(e).splitlines()[0]}") from None
