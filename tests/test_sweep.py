@@ -181,9 +181,10 @@ def test_the_local_executor_runs_a_fork_child_to_the_end_and_a_second_run_starts
                                                   "overrides": {"lrate": 0.001}}]})
     logs = tmp_path / "logs"
     argv = [str(f), "--jobs", "2", "--log_dir", str(logs), "--poll", "0.2"]
-    assert sweep(argv) == 0
+    assert sweep(argv + ["--progress_every", "0"]) == 0
     out = capsys.readouterr().out
     assert "=== b_1993: waits for a_1993 to finish task 1" in out and "=== b_1993: done (3/3 tasks" in out
+    assert "... a_1993: " in out  # progress lines: the tasks its folder lists, the seconds it has run
     (a,), (b,) = (logs / "a_1993").iterdir(), (logs / "b_1993").iterdir()
     assert json.loads((b / "fork.json").read_text())["parent"] == str(a.resolve())
     assert len(json.loads((b / "metrics.json").read_text())["A"]) == 3 and list(logs.glob("report_*"))
@@ -272,6 +273,15 @@ def test_slurm_submits_one_array_with_a_limit_then_children_after_their_parent_j
     assert sweep(argv) == 0  # the same command again: the queued jobs are followed, not submitted twice
     assert len(list(cluster.glob("sbatch_*.sh"))) == 4
     assert capsys.readouterr().out.count("is in the queue (submitted before)") == 6
+
+
+def test_without_submitit_only_the_slurm_executor_is_refused_and_says_how_to_install_it(tmp_path, capsys,
+                                                                                       monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit fails, as where the extra is not installed
+    f = str(write(tmp_path, LEAST))
+    assert sweep([f, "--executor", "slurm", "--log_dir", str(tmp_path / "logs")]) == 2
+    assert 'pip install -e ".[cluster]"' in capsys.readouterr().err
+    assert sweep([f, "--executor", "dry", "--log_dir", str(tmp_path / "logs")]) == 0
 
 
 def test_slurm_refuses_an_unknown_parameter_before_anything_is_written(tmp_path, cluster, capsys):
