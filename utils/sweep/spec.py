@@ -132,6 +132,8 @@ def axes(entry: dict, raw: dict, values: Mapping[str, str], where: str) -> list[
         for lab, patch in variants.items():
             unknown(set(patch) - PATCH_FIELDS, f"{where} variant '{lab}'", PATCH_FIELDS)
         out.append([("variant", lab, patch) for lab, patch in variants.items()])
+    if not isinstance(entry.get("grid") or {}, dict):
+        raise SweepError(f"{where}: grid must map a config key to its values (a list, or label -> value)")
     for key, vals in (entry.get("grid") or {}).items():
         pairs = vals.items() if isinstance(vals, dict) else [(label(v), v) for v in words(vals, values, where)]
         out.append([(key, str(lab), v) for lab, v in pairs])
@@ -172,7 +174,7 @@ def resolve_row(row: dict, values: dict[str, str], labels: dict[str, str], file_
     named = {k: label(v) for k, v in labels.items()}
     name = fill(row["name"], named, where)
     where = f"row '{name}'"
-    raw_values = dict(labels, **values, name=name)
+    raw_values = {**labels, **values, "name": name}
     if not isinstance(row.get("config"), str):
         raise SweepError(f"{where}: no \"config\" (a JSON config file, e.g. exps/sdlora_c100.json)")
     overrides = row.get("overrides") or {}
