@@ -235,4 +235,6 @@ def profile(args, variant: str, n_tasks: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+    from benchmarks.cli import run
+    sys.exit(run(main))

@@ -17,6 +17,8 @@ epoch ratios move by several per cent between runs; the data-only shares are the
 """
 from __future__ import annotations
 
+import sys
+
 import argparse
 import itertools
 import statistics
@@ -169,4 +171,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+    from benchmarks.cli import run
+    sys.exit(run(main))

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import get_learner  # noqa: E402
 from models.heads import HEADS, AlignedHead  # noqa: E402
 from utils.config import build_config  # noqa: E402
+from utils.run_folder import read_config  # noqa: E402
 from utils.data.data_manager import DataManager  # noqa: E402
 from utils.data.datasets import load_dataset  # noqa: E402
 from utils.metrics import summarize  # noqa: E402
@@ -51,7 +52,7 @@ def cache_features(run_dir: Path, cache: Path) -> dict[str, torch.Tensor]:
     training image (``final``, ``y_final``); the linear head each task left. Read from ``cache`` when there."""
     if cache.is_file():
         return load_file(str(cache))
-    raw = json.loads((run_dir / "config.json").read_text())
+    raw = read_config(run_dir, "RUN_DIR")
     cfg = build_config(dict(raw, log_dir=str(run_dir.parent)))
     seed = cfg.seeds[0]
     dm = DataManager.for_config(cfg, load_dataset(cfg), seed)
@@ -135,6 +136,7 @@ def replay(F: dict, head: str, compensation: str = "none", oracle: bool = False,
         true = torch.stack([F["final"][F["y_final"] == c].double().mean(0) for c in range(h.n_classes)])
         rel = ((h.means - true).norm(dim=1) / true.norm(dim=1)).numpy()
         out["drift"] = {f"task {s}": float(rel[bounds[s]:bounds[s + 1]].mean()) for s in range(len(sizes))}
+        out["head_stored_numbers"] = h.stored_numbers()
     return out
 
 
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     F = cache_features(args.run_dir, args.cache or args.run_dir / "head_features.safetensors")
-    seed = json.loads((args.run_dir / "config.json").read_text())["seed"]
+    seed = read_config(args.run_dir, "RUN_DIR")["seed"]
     cfg = _Cfg(**{k: v for k, v in vars(args).items() if k in ("ranpac_dim", "sdc_sigma") and v is not None})
     rows = {}
     print("variant | A_last | A_avg | forgetting | drift of task 0's means at the end (relative)")
@@ -167,9 +169,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{'' if d is None else f'{d:.3f}'} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps({"run_dir": str(args.run_dir.resolve()), "sdc_sigma": cfg.sdc_sigma,
+                                         "variants": rows}, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+    from benchmarks.cli import run
+    sys.exit(run(main))

@@ -14,6 +14,8 @@ InfLoRA builds its A from, and prints:
 """
 from __future__ import annotations
 
+import sys
+
 import argparse
 import math
 import tempfile
@@ -64,4 +66,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+    from benchmarks.cli import run
+    sys.exit(run(main))

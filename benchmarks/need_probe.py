@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import get_learner  # noqa: E402
 from utils.config import build_config  # noqa: E402
+from utils.run_folder import read_config  # noqa: E402
 from utils.data.data_manager import DataManager, TaskDataset  # noqa: E402
 from utils.data.datasets import load_dataset  # noqa: E402
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--novelty", action="store_true", help="the novelty signal by block instead of the probes")
     ap.add_argument("--blocks", nargs="*", type=int, default=[1, 5, 11])
     args = ap.parse_args(argv)
-    raw = json.loads((args.run_dir / "config.json").read_text())
+    raw = read_config(args.run_dir, "RUN_DIR")
     cfg = build_config(dict(raw, shift_tasks=[], log_dir=str(args.run_dir.parent)))
     seed = cfg.seeds[0]
     dm = DataManager.for_config(cfg, load_dataset(cfg), seed)
@@ -150,4 +151,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+    from benchmarks.cli import run
+    sys.exit(run(main))

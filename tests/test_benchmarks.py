@@ -1,4 +1,5 @@
 """The benchmark scripts run (tiny settings) and print what they promise."""
+import pytest
 import torch
 
 from benchmarks import adapters, epoch, inflora_inputs
@@ -94,3 +95,21 @@ def test_vit_port_check_prints_a_row_per_variant(capsys, tmp_path):
                                                                                              ["no_layerscale"])]
     assert [r[0] for r in rows] == ["timm", "no_layerscale"]
     assert rows[0][1:] == rows[1][1:]  # vit_tiny has no LayerScale: the variant changes nothing
+
+
+@pytest.mark.parametrize("script, args", [
+    ("heads", ["/nonexistent/run"]), ("need_probe", ["/nonexistent/run"]), ("epoch", ["--config", "/no.json"]),
+    ("inflora_inputs", ["--config", "/no.json"]), ("vit_port_check", ["--config", "/no.json"]),
+    ("novelty_decisions", ["--config", "/no.json", "--seeds", "1"]),
+    ("heads_cost", ["--config", "/no.json"]), ("adapters", ["--model", "no_such_vit"]),
+])
+def test_a_benchmark_given_bad_input_says_so_in_one_line(script, args, monkeypatch, capsys):
+    """benchmarks/cli.py: exit 2 and one error line naming the file, as main.py, never a traceback."""
+    import importlib
+    import sys
+    from benchmarks.cli import run
+    module = importlib.import_module(f"benchmarks.{script}")
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    assert run(module.main) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and ("no" in err[0] or "unknown" in err[0])
