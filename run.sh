@@ -5,7 +5,7 @@
 # (main.py --resume), a row that forks a parent at task K waits for the parent's task K. Running the same command
 # again finishes a batch.
 #   bash run.sh [MODE] [--key value ...]
-#     (none)          sdlora_c100 and gumbel_c100, seeds 1993-1997
+#     (none)          sdlora_c100 and schedule_c100, seeds 1993-1997
 #     quick           the protocol check (11 rows) on PROTOCOL (default quick)
 #     offline | scan  the growth table and every growth variant (docs/growth.md)
 #     curve | shifted schedules at 2-5 adapters against the rules, plain and shifted (SHIFT) streams

@@ -88,11 +88,11 @@ def test_shipped_configs_load_and_the_seed_config_is_the_notes_formulation():
     assert (seed.lambda_sparsity, seed.alpha_lr, seed.alpha_init, seed.phase1_fraction) == (0.1, 0.04, 1.0, 0.6)
     assert (seed.prune_rule, seed.prune_threshold, seed.prune_samples) == ("frequency", 0.2, 10)
     assert (seed.gate_scope, seed.warmup_fraction, seed.growth_cost, seed.gumbel_tau_schedule) == ("all", 0.0, 0.0, "step")
-    gate = load_config(str(ROOT / "exps" / "gumbel_rule_c100.json"))  # the Gumbel gate's growth rule
+    gate = load_config(str(ROOT / "exps" / "gumbel_c100.json"))  # the Gumbel gate's growth rule
     assert (gate.gate_scope, gate.gumbel_tau_schedule) == ("new", "phase") and gate.warmup_fraction > 0
     sd = load_config(str(ROOT / "exps" / "sdlora_c100.json")).to_dict()
     growth = ("prefix", "skip_mode", "growth_schedule", "novelty_threshold", "max_share", "novelty_reference")
-    shipped = load_config(str(ROOT / "exps" / "gumbel_c100.json"))  # the shipped default: a schedule (growth.md)
+    shipped = load_config(str(ROOT / "exps" / "schedule_c100.json"))  # the shipped default: a schedule (growth.md)
     assert (shipped.model_name, shipped.skip_mode, shipped.growth_schedule) == ("sdlora", "reuse", [0, 3, 6])
     novelty = load_config(str(ROOT / "exps" / "novelty_c100.json"))  # the rule, an option
     assert (novelty.novelty_threshold, novelty.max_share, novelty.novelty_reference) == (0.045, 5, "nearest")

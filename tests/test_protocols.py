@@ -25,7 +25,7 @@ def _at_root(monkeypatch):
 
 
 def test_the_unnormalised_offline_protocol_is_the_old_command_line_key_for_key():
-    for cfg_path in ("exps/sdlora_c100.json", "exps/gumbel_c100.json", "exps/gumbel_rule_c100.json",
+    for cfg_path in ("exps/sdlora_c100.json", "exps/schedule_c100.json", "exps/gumbel_c100.json",
                      "exps/inflora_c100.json"):
         by_file = load_config(cfg_path, {"protocol": "exps/protocols/offline_unnormalised.json"}).to_dict()
         by_flags = load_config(cfg_path, OFFLINE_OVERRIDES).to_dict()

@@ -104,8 +104,8 @@ def test_a_row_whose_parent_ended_short_is_not_started_and_says_why(stub, tmp_pa
 def test_overrides_reach_every_run_and_dry_starts_nothing(stub, tmp_path):
     calls, out = run_sh(stub, tmp_path, "--epochs", "1", EXECUTOR="dry", SEEDS="")
     lines = [line for line in out.splitlines() if line.startswith("=== ")]
-    assert calls == [] and len(lines) == 10  # the default batch: sdlora_c100 and gumbel_c100, seeds 1993-1997
-    assert all(" --epochs 1 " in line for line in lines) and "=== gumbel_c100_1997 [ready]" in out
+    assert calls == [] and len(lines) == 10  # the default batch: sdlora_c100 and schedule_c100, seeds 1993-1997
+    assert all(" --epochs 1 " in line for line in lines) and "=== schedule_c100_1997 [ready]" in out
     _, out = run_sh(stub, tmp_path, "subspace", EXECUTOR="dry", SEED="1994", ONLY="d2000_learned")
     assert "=== sublora_d2000_learned_slr [ready]" in out and "--split_lr 10 --seed 1994 " in out
 
