@@ -308,7 +308,8 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", help="run folder to continue after its last completed task")
     parser.add_argument("--fork_from", metavar="RUN_DIR", help="a new run that keeps this run's first --fork_task "
                                                                "tasks and trains the rest under --config / overrides")
-    parser.add_argument("--fork_task", type=int, metavar="K", help="with --fork_from: tasks 0..K-1 come from the parent")
+    parser.add_argument("--fork_task", type=int, metavar="K",
+                        help="with --fork_from: tasks 0..K-1 come from the parent")
     parser.add_argument("--keys", action="store_true", help="list every config key with its default and exit")
     parser.add_argument("--report", nargs="+", metavar="RUN_DIR",
                         help="figures (RUN_DIR/plots/) and tables of runs; with several, a comparison and the mean "
@@ -327,7 +328,8 @@ def _main(argv: list[str] | None = None) -> int:
                             ("--report", args.report)) if v]
     if args.report:
         if len(given) > 1 or rest:  # a mistyped flag is not silently dropped
-            return _refuse(f"--report reads run folders only: it takes no {', '.join([g for g in given if g != '--report'] + rest[:3])} "
+            return _refuse("--report reads run folders only: it takes no "
+                           f"{', '.join([g for g in given if g != '--report'] + rest[:3])} "
                            "(--report RUN_DIR ... [--report_out DIR] [--include_unfinished])")
         from utils.report import ReportError, report  # matplotlib only where reports are made
         try:
@@ -338,7 +340,8 @@ def _main(argv: list[str] | None = None) -> int:
     if args.report_out or args.include_unfinished:
         return _refuse("--report_out and --include_unfinished go with --report RUN_DIR ...")
     if args.resume and len(given) > 1:
-        return _refuse(f"--resume continues a run under its own config.json; it takes no {', '.join(g for g in given if g != '--resume')} "
+        return _refuse("--resume continues a run under its own config.json; it takes no "
+                       f"{', '.join(g for g in given if g != '--resume')} "
                        "(to train on under another config: --fork_from RUN_DIR --fork_task K --config FILE)")
     try:
         overrides = parse_overrides(rest)

@@ -31,7 +31,8 @@ def check_weights_file(path: str) -> None:
         with open(p, "rb") as f:
             head = f.read(9)
     except OSError as e:
-        raise BackboneError(f"config key 'pretrained_path' = '{path}' cannot be read ({e.strerror or e}); {fix}") from None
+        raise BackboneError(f"config key 'pretrained_path' = '{path}' cannot be read "
+                            f"({e.strerror or e}); {fix}") from None
     if p.suffix == ".safetensors":
         try:
             from safetensors import safe_open

@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         r = replay(F, head, comp or "none", oracle, seed, cfg)
         rows[v] = r
         d = r.get("drift", {}).get("task 0")
-        print(f"{v} | {r['A_last']:.2f} | {r.get('A_avg', float('nan')):.2f} | {r.get('forgetting', float('nan')):.2f} | "
+        print(f"{v} | {r['A_last']:.2f} | {r.get('A_avg', float('nan')):.2f} | "
+              f"{r.get('forgetting', float('nan')):.2f} | "
               f"{'' if d is None else f'{d:.3f}'} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.json:

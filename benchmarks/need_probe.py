@@ -52,7 +52,8 @@ def ridge_loo_accuracy(f: torch.Tensor, y: torch.Tensor, ridge: float = 1.0) -> 
     classes = y.unique()
     t = (y[:, None] == classes[None, :]).double()
     k = x @ x.T
-    hat = k @ torch.linalg.solve(k + ridge * x.shape[1] * torch.eye(len(x), dtype=x.dtype), torch.eye(len(x), dtype=x.dtype))
+    hat = k @ torch.linalg.solve(k + ridge * x.shape[1] * torch.eye(len(x), dtype=x.dtype),
+                                 torch.eye(len(x), dtype=x.dtype))
     pred = hat @ t
     h = hat.diagonal()[:, None]
     loo = (pred - h * t) / (1 - h)

@@ -120,7 +120,8 @@ def fmt(x: Optional[float], sign: bool = False) -> str:
 
 
 def runs_table(rows: list[Row]) -> str:
-    lines = ["| stream | seed | row | A_last | A_avg | adapters | grew at | steps / SD-LoRA's |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| stream | seed | row | A_last | A_avg | adapters | grew at | steps / SD-LoRA's |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.kind != "plain", r.stream, r.seed, r.row)):
         lines.append(f"| {r.stream} | {r.seed} | {r.row} | {r.a_last:.2f} | {r.a_avg:.2f} | {r.adapters} | "
                      f"{', '.join(map(str, r.grew))} | {fmt(r.steps_ratio)} |")
@@ -196,7 +197,8 @@ def summary(rows: list[Row], rules: list[str]) -> str:
                 "| row | runs | A_last | A_avg | adapters | steps / SD-LoRA's |", "|---|---|---|---|---|---|"]
         for name in sorted({r.row for r in sub}, key=row_order):
             rs = [r for r in sub if r.row == name]
-            out.append(f"| {name} | {len(rs)} | {fmt(mean([r.a_last for r in rs]))} | {fmt(mean([r.a_avg for r in rs]))}"
+            out.append(f"| {name} | {len(rs)} | {fmt(mean([r.a_last for r in rs]))} | "
+                       f"{fmt(mean([r.a_avg for r in rs]))}"
                        f" | {mean([r.adapters for r in rs]):.1f} | "
                        f"{fmt(mean([r.steps_ratio for r in rs if r.steps_ratio is not None]))} |")
         for rule in rules:

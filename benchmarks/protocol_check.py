@@ -5,9 +5,10 @@ of the two rankings and the pairs that swap, per seed.
         --given sdlora,offline,1993,45.00,51.78 [--reference offline] [--candidate quick] [--gap 2]
 
 A run folder's protocol is the file its config.json recorded (its name without .json), its row the config's
-``prefix`` without that name (``quick_sdlora`` -> row ``sdlora``: the prefix run.sh quick gives); ``--given ROW,PROTOCOL,SEED,A_LAST,A_AVG`` adds a number
-measured earlier whose folder is gone. The bar printed at the end: tau >= 0.7 and every pair that differs by
->= ``--gap`` points of A_last on the reference protocol keeps its order on the candidate.
+``prefix`` without that name (``quick_sdlora`` -> row ``sdlora``: the prefix run.sh quick gives);
+``--given ROW,PROTOCOL,SEED,A_LAST,A_AVG`` adds a number measured earlier whose folder is gone. The bar printed
+at the end: tau >= 0.7 and every pair that differs by >= ``--gap`` points of A_last on the reference protocol
+keeps its order on the candidate.
 """
 from __future__ import annotations
 

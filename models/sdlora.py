@@ -46,7 +46,8 @@ def _check(cfg, raw: dict) -> list[str]:
              "max_share": ("novelty_threshold",), "novelty_reference": ("novelty_threshold",),
              "novelty_reopen": ("novelty_threshold",)}
     for key, names in rules.items():
-        if all(getattr(cfg, n) is None for n in names) and raw.get(key, getattr(DEFAULTS, key)) != getattr(DEFAULTS, key):
+        if all(getattr(cfg, n) is None for n in names) and \
+                raw.get(key, getattr(DEFAULTS, key)) != getattr(DEFAULTS, key):
             errs.append(f"config key '{key}' only applies with " + " or ".join(f"'{n}'" for n in names)
                         + f" set; remove it or set {names[-1]}")
     if cfg.novelty_reopen == "nearest" and cfg.novelty_reference != "nearest":

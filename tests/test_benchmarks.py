@@ -40,7 +40,8 @@ def test_inflora_inputs_prints_a_row_per_block(capsys):
     assert [int(r[0]) for r in rows] == [0, 1, 2, 3]  # demo.json's depth
     for r in rows:
         top, top2, dims, inf, lora, ratio = map(float, r[1:])
-        assert 0 < top <= top2 <= 1 and dims >= 1 and abs(inf / lora - ratio) < 0.05 + 0.005 * (1 + inf / lora) / lora  # printed to 2 and 1 decimals
+        # printed to 2 and 1 decimals
+        assert 0 < top <= top2 <= 1 and dims >= 1 and abs(inf / lora - ratio) < 0.05 + 0.005 * (1 + inf / lora) / lora
 
 
 def test_protocol_benchmark_prints_a_row_per_protocol_with_its_ratio(capsys, tmp_path):

@@ -87,7 +87,8 @@ def test_shipped_configs_load_and_the_seed_config_is_the_notes_formulation():
     assert (seed.gumbel_tau_init, seed.gumbel_tau_final, seed.gumbel_anneal_rate) == (5.0, 0.5, 0.999)
     assert (seed.lambda_sparsity, seed.alpha_lr, seed.alpha_init, seed.phase1_fraction) == (0.1, 0.04, 1.0, 0.6)
     assert (seed.prune_rule, seed.prune_threshold, seed.prune_samples) == ("frequency", 0.2, 10)
-    assert (seed.gate_scope, seed.warmup_fraction, seed.growth_cost, seed.gumbel_tau_schedule) == ("all", 0.0, 0.0, "step")
+    assert (seed.gate_scope, seed.warmup_fraction, seed.growth_cost, seed.gumbel_tau_schedule) == \
+        ("all", 0.0, 0.0, "step")
     gate = load_config(str(ROOT / "exps" / "gumbel_c100.json"))  # the Gumbel gate's growth rule
     assert (gate.gate_scope, gate.gumbel_tau_schedule) == ("new", "phase") and gate.warmup_fraction > 0
     sd = load_config(str(ROOT / "exps" / "sdlora_c100.json")).to_dict()

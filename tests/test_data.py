@@ -4,7 +4,7 @@ import pytest
 
 from tests.conftest import CIFAR_NPZ
 from utils.data.data_manager import DataManager, class_order, task_sizes
-from utils.data.datasets import DataError, SplitData, load_cifar100, load_image_folder, make_synthetic
+from utils.data.datasets import DataError, load_cifar100, load_image_folder, make_synthetic
 
 
 def test_class_order_seed_1993():

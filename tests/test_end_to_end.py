@@ -72,7 +72,8 @@ def test_resumed_run_equals_uninterrupted(model, extra, tiny, tmp_path):
     a, b = load_file(str(full_dir / "task_2.safetensors")), load_file(str(part_dir / "task_2.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     if model == "gumbel_sdlora":  # the growth state (mask, anchors) came back from disk, not recomputed
-        assert torch.equal(a["gate.pruning_mask"], b["gate.pruning_mask"]) and torch.equal(a["gate.anchor"], b["gate.anchor"])
+        assert torch.equal(a["gate.pruning_mask"], b["gate.pruning_mask"]) and \
+            torch.equal(a["gate.anchor"], b["gate.anchor"])
     if extra is REUSE:  # who served which task came back from the checkpoints: the same shared-cost price
         rec = [torch.load(d / "beta_values_task_2.pt", weights_only=False) for d in (full_dir, part_dir)]
         assert rec[0]["growth_cost"] == rec[1]["growth_cost"] == 25.0 and int(b["adapter.owner"]) == 0

@@ -204,4 +204,5 @@ def test_a_write_that_fails_keeps_every_saved_file_and_stops_with_its_own_code(t
     assert len(m["A"]) == 1 and not (run_dir / "task_1.safetensors").exists()
     monkeypatch.setattr(io.os, "replace", real)
     assert main(["--resume", str(run_dir)]) == 0  # the folder resumes: task 1 is trained again
-    assert len(json.loads((run_dir / "metrics.json").read_text())["A"]) == 2 and (run_dir / "task_1.safetensors").exists()
+    assert len(json.loads((run_dir / "metrics.json").read_text())["A"]) == 2 and \
+        (run_dir / "task_1.safetensors").exists()

@@ -122,7 +122,8 @@ def test_old_adapters_keep_their_anchored_gate_value(tiny, tmp_path):
             gate.current = None
             old = gate.frozen_active()
             for j, t in enumerate([o for o in old if o != 2]):
-                assert float(w.detach()[0, j]) == pytest.approx(float(gate.alpha[str(t)].detach()) * float(anchors[1][t]))
+                assert float(w.detach()[0, j]) == \
+                    pytest.approx(float(gate.alpha[str(t)].detach()) * float(anchors[1][t]))
 
     learner.end_task = spy
     torch.manual_seed(0)

@@ -69,8 +69,8 @@ def test_gumbel_noise_statistics_and_noiseless_mode():
     g = sample_gumbel((200000,), generator=torch.Generator().manual_seed(0))
     assert abs(g.mean().item() - 0.5772) < 0.01   # Euler-Mascheroni constant
     assert abs(g.var().item() - np.pi ** 2 / 6) < 0.03
-    l = torch.tensor([0.2, -0.1, 0.4])
-    torch.testing.assert_close(gumbel_sparsemax(l, 0.5, noise=False), sparsemax(l / 0.5))
+    logits = torch.tensor([0.2, -0.1, 0.4])
+    torch.testing.assert_close(gumbel_sparsemax(logits, 0.5, noise=False), sparsemax(logits / 0.5))
 
 
 def test_sparsity_loss():

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.heads import (AlignedHead, FeatureRidgeHead, NCMHead, RidgeHead, choose_ridge, class_covariances, gaussian_samples,
-                          linear_drift_map, random_projection, sdc_shift)
+from models.heads import (AlignedHead, FeatureRidgeHead, NCMHead, RidgeHead, choose_ridge, class_covariances,
+                          gaussian_samples, linear_drift_map, random_projection, sdc_shift)
 from tests.conftest import resumed_and_uninterrupted, run_config
 
 

@@ -126,7 +126,8 @@ def test_an_unknown_backbone_bad_kwargs_or_a_repeated_seed_stop_before_any_folde
     refused([f"--config={cfg}", "--backbone_type", "vit_tiny_patch16_22"], capsys, "backbone_type",
             "unknown timm model 'vit_tiny_patch16_22'")
     refused([f"--config={cfg}", "--backbone_kwargs", '{"depht": 2}'], capsys, "backbone_kwargs")
-    refused([f"--config={cfg}", "--backbone_kwargs", '{"depth": 0}'], capsys, "backbone_kwargs", "no transformer blocks")
+    refused([f"--config={cfg}", "--backbone_kwargs", '{"depth": 0}'], capsys, "backbone_kwargs",
+            "no transformer blocks")
     refused([f"--config={cfg}", "--seed", "[7, 8, 7]"], capsys, "config key 'seed'", "[7] more than once")
     assert not Path(tiny["log_dir"]).exists()
 

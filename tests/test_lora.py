@@ -231,7 +231,8 @@ def test_fused_low_rank_gradcheck_and_frozen_rows_get_no_factor_gradient(rank, f
     g = torch.Generator().manual_seed(rank + first)
     x = torch.randn(6, d, dtype=torch.float64, generator=g, requires_grad=True)
     w, b = torch.randn(3 * d, d, dtype=torch.float64, generator=g), torch.randn(3 * d, dtype=torch.float64, generator=g)
-    A, B = torch.randn(2, rank, d, dtype=torch.float64, generator=g), torch.randn(2, d, rank, dtype=torch.float64, generator=g)
+    A, B = torch.randn(2, rank, d, dtype=torch.float64, generator=g), \
+        torch.randn(2, d, rank, dtype=torch.float64, generator=g)
     s = torch.randn(2, rank, dtype=torch.float64, generator=g)
     A.requires_grad_(), B.requires_grad_(), s.requires_grad_()
     y = FusedLowRank.apply(x, w, b, A, B, s, (0, 2 * d), first)

@@ -44,7 +44,8 @@ def test_a_rule_is_matched_with_its_own_count_and_judged(tmp_path):
     p = verdict(rows, "plain", "fit0.8")
     assert abs(p.vs_even_last + 0.6) < 1e-9 and not p.checks()["A_last within 0.5 of the same-count schedule, or above"]
     assert main([str(tmp_path), "--out", str(tmp_path / "t.md")]) == 0
-    assert "| grey_invert_348 | 1993 | fit0.8 | 40.00 | 50.00 | 4 | 0, 3, 5, 8 | 1.07 |" in (tmp_path / "t.md").read_text()
+    assert "| grey_invert_348 | 1993 | fit0.8 | 40.00 | 50.00 | 4 | 0, 3, 5, 8 | 1.07 |" in \
+        (tmp_path / "t.md").read_text()
 
 
 def test_a_rule_that_grows_at_the_wrong_tasks_fails_the_placement_checks(tmp_path):

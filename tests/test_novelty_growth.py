@@ -161,7 +161,8 @@ def test_reopen_nearest_trains_the_adapter_of_the_tasks_domain(tiny, tmp_path):
     cols = nd.seed_stats(build_config(dict(cfg, novelty_threshold=1.0)), 7, ["grey_invert"])
     stats = nd.stream(cols, "grey_invert", [1, 3])
     same = max(nd.novelty_against(stats, 2, [0]), nd.novelty_against(stats, 3, [1]))  # within a domain
-    other = min(nd.novelty_against(stats, 1, [0]), nd.novelty_against(stats, 2, [1]), nd.novelty_against(stats, 3, [0, 2]))
+    other = min(nd.novelty_against(stats, 1, [0]), nd.novelty_against(stats, 2, [1]),
+                nd.novelty_against(stats, 3, [0, 2]))
     assert other > 2 * same
     rule = dict(novelty_threshold=(same + other) / 2, shift_tasks=[1, 3], novelty_reference="nearest",
                 novelty_reopen="nearest")

@@ -36,7 +36,8 @@ def test_the_unnormalised_offline_protocol_is_the_old_command_line_key_for_key()
 
 @pytest.mark.parametrize("name", ["offline", "quick"])
 def test_each_protocol_is_its_unnormalised_one_with_normalisation(name):
-    keys = {n: json.loads((ROOT / f"exps/protocols/{n}.json").read_text())["keys"] for n in (name, f"{name}_unnormalised")}
+    keys = {n: json.loads((ROOT / f"exps/protocols/{n}.json").read_text())["keys"]
+            for n in (name, f"{name}_unnormalised")}
     assert keys[name] == dict(keys[f"{name}_unnormalised"], normalize=True)
     assert keys[f"{name}_unnormalised"]["normalize"] is False
 

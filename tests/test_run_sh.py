@@ -1,7 +1,6 @@
 """run.sh as a thin entry over python -m utils.sweep, with a stand-in for main.py: a mode is its sweep file, a
 finished row is not run again and a stopped one resumes (read from the run folders), the growth-on-need batch forks
 each row from the right parent at the right task, and the old environment variables still shape the rows."""
-import json
 import os
 import subprocess
 import sys
@@ -82,7 +81,8 @@ def test_the_need_batch_forks_each_row_from_its_parent_at_the_first_shift(stub, 
     run = lambda row: f"{logs}/{p}_plain_{row}_1993/{p}_plain_{row}_run"  # noqa: E731 (a plain row's run folder)
     for row in ("sdlora", "gumbel"):  # plain rows without a parent run from scratch
         assert "--fork_from" not in by_prefix[f"{p}_plain_{row}"]
-    for row in ("fit0.8", "novelty0.045", "novelty0.045_share5_nearest", "even2", "even3"):  # the rest: SD-LoRA's task 0
+    # the rest: SD-LoRA's task 0
+    for row in ("fit0.8", "novelty0.045", "novelty0.045_share5_nearest", "even2", "even3"):
         assert by_prefix[f"{p}_plain_{row}"].startswith(f"--fork_from {run('sdlora')} --fork_task 1 ")
     for row in ("sdlora", "gumbel", "fit0.8", "novelty0.045_share5_nearest", "even2"):
         c = by_prefix[f"{p}_grey_invert_348_{row}"]  # a shifted row: its plain row, at the first shifted task

@@ -1,12 +1,11 @@
 """A stream where the time to grow matters (``shift_tasks``) and growth on drift (``drift_threshold``)."""
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from main import main, make_data_manager
+from main import make_data_manager
 from tests.conftest import resumed_and_uninterrupted
 from models.drift_growth import relative_drift
 from models.reuse import skip_adapter, undo_reuse
@@ -114,7 +113,8 @@ def test_an_undone_trial_gives_back_the_task_start_network_bit_for_bit(tiny, tmp
                 learner.param_groups(), 1, "trial")
     assert not torch.equal(learner.net(x).detach(), before)  # the trial moved adapter 0, alphas, head
     undo_reuse(learner, 1, 0, state)
-    assert learner.gate.current == 1 and learner.gate.active_tasks() == [0, 1] and 1 not in learner.net.backbone.served_by
+    assert learner.gate.current == 1 and learner.gate.active_tasks() == [0, 1] and \
+        1 not in learner.net.backbone.served_by
     assert torch.equal(learner.net(x).detach(), before)
     trainable = {n for n, p in learner.net.named_parameters() if p.requires_grad and ".lora_" in n}
     assert trainable and all(n.endswith(".1") for n in trainable)

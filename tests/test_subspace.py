@@ -95,12 +95,12 @@ def test_learned_soft_mask_splits_each_block_at_gamma():
         block = m[start:start + size]
         assert (block[j < cut - 0.5] > 0.99).all() and (block[j > cut + 0.5] < 0.01).all()
         start += size
-    # block l's factors read only block l's coordinates
+    # block i's factors read only block i's coordinates
     starts = [0, 34, 67]
     rows_a, rows_b = SHAPES[0][0].numel(), SHAPES[0][1].numel()
-    for l, (s, size) in enumerate(zip(starts, sizes)):
-        ia = sub.proj_A.index[l * rows_a:(l + 1) * rows_a]
-        ib = sub.proj_B.index[l * rows_b:(l + 1) * rows_b]
+    for i, (s, size) in enumerate(zip(starts, sizes)):
+        ia = sub.proj_A.index[i * rows_a:(i + 1) * rows_a]
+        ib = sub.proj_B.index[i * rows_b:(i + 1) * rows_b]
         assert ia.min() >= s and ia.max() < s + size and ib.min() >= s and ib.max() < s + size
     assert sub.n_stored() == 100 + 3
 

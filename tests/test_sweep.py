@@ -94,7 +94,8 @@ def test_grids_variants_and_variables_expand_into_named_rows(tmp_path):
 
 @pytest.mark.parametrize("rows, needle", [
     ([{"name": "a", "config": "exps/demo.json", "seed": [1]}], "rows[0] ('a'): unknown field(s) ['seed']"),
-    ([{"name": "a", "config": "exps/demo.json", "overrides": {"lrat": 0.1}}], "row 'a' (run a): unknown config key 'lrat'"),
+    ([{"name": "a", "config": "exps/demo.json", "overrides": {"lrat": 0.1}}],
+     "row 'a' (run a): unknown config key 'lrat'"),
     ([{"name": "a", "config": "exps/nope.json"}], "row 'a' (run a): config file 'exps/nope.json' does not exist"),
     ([{"name": "a", "config": "exps/demo.json"}, {"name": "b", "config": "exps/demo.json", "parent": "c",
                                                    "fork_task": 1}], "row 'b': parent 'c' is not a row"),
@@ -156,7 +157,8 @@ def test_the_planner_reads_each_run_state_from_its_run_folder(tmp_path):
     assert "is finished" in got["kid_short_1"][1] and "failed" in got["kid_new_1"][1]
     assert "not selected" in got["kid_other_1"][1]
     assert main_args(steps["stopped_1"], logs, {}, None) == ["--resume", str(stopped)]
-    assert main_args(steps["kid_done_1"], logs, {}, steps["done_1"])[:2] == ["--resume", str(logs / "kid_done_1" / "run")]
+    assert main_args(steps["kid_done_1"], logs, {}, steps["done_1"])[:2] == \
+        ["--resume", str(logs / "kid_done_1" / "run")]
     made_up(logs, "stopped_1", 2)                          # the parent reaches task 2: the child may fork it
     steps = plan(s.runs, logs, selected)
     assert steps["kid_stopped_1"].status is Status.READY and steps["new_1"].status is Status.READY
@@ -264,7 +266,7 @@ def test_slurm_submits_one_array_with_a_limit_then_children_after_their_parent_j
     for line in ("#SBATCH --array=0-2%2", "#SBATCH --partition=gpu", "#SBATCH --time=60", "#SBATCH --cpus-per-task=4",
                  "#SBATCH --job-name=sweep_s", "#SBATCH --signal=USR2@90"):
         assert line in first
-    deps = sorted(next(l for l in p.read_text().splitlines() if "--dependency" in l) for p in files[1:])
+    deps = sorted(next(row for row in p.read_text().splitlines() if "--dependency" in row) for p in files[1:])
     assert deps == [f"#SBATCH --dependency=afterok:12_{i}" for i in range(3)]
     assert "#SBATCH --kill-on-invalid-dep=yes" in files[1].read_text() and "kill-on-invalid-dep" not in first
     record = json.loads((logs / ".slurm_jobs.json").read_text())
@@ -301,13 +303,13 @@ def test_slurm_submits_a_child_once_its_parent_has_the_task_it_forks_at(tmp_path
     launcher = SlurmLauncher(4, make_executor(s, logs, 4, {}), s, logs, sys.executable, 0.0, say=lines.append)
     drive = Drive(s, ["a_1993", "b_1993"], launcher, logs, sys.executable, reports=False, say=lines.append)
     assert drive.step() and len(list(cluster.glob("sbatch_*.sh"))) == 1   # the parent, to resume
-    assert any(l.startswith("=== a_1993: resumes at 1/3 tasks") and f"--resume {parent}" in l for l in lines)
+    assert any(line.startswith("=== a_1993: resumes at 1/3 tasks") and f"--resume {parent}" in line for line in lines)
     assert drive.step() and len(list(cluster.glob("sbatch_*.sh"))) == 1   # the child waits for task 1
     made_up(logs, "a_1993", 2)
     assert drive.step() and len(list(cluster.glob("sbatch_*.sh"))) == 2
     child = (cluster / "sbatch_1.sh").read_text()
     assert "--dependency" not in child and "--array" not in child and "#SBATCH --time=720" in child  # the default
-    assert any(f"--fork_from {parent} --fork_task 2" in l for l in lines)
+    assert any(f"--fork_from {parent} --fork_task 2" in line for line in lines)
     made_up(logs, "a_1993", 3), made_up(logs, "b_1993", 3)
     set_states(cluster, **{"12": "COMPLETED", "13": "COMPLETED"})
     assert drive.step() and not drive.step()   # both jobs ended, both runs done: nothing more
@@ -387,7 +389,8 @@ def test_the_need_sweep_forks_each_row_from_its_parent_at_the_first_shift():
         assert by[f"{p}_plain_{row}_1993"].parent is None
     for row in ("need0", "fit0.8", "novelty0.045", "novelty0.045_share5_nearest", "even2", "even5",
                 "novelty0.045_nearest_reopen"):
-        assert (by[f"{p}_plain_{row}_1993"].parent, by[f"{p}_plain_{row}_1993"].fork_task) == (f"{p}_plain_sdlora_1993", 1)
+        assert (by[f"{p}_plain_{row}_1993"].parent, by[f"{p}_plain_{row}_1993"].fork_task) == \
+            (f"{p}_plain_sdlora_1993", 1)
     for placement, k in (("348", 3), ("257", 2), ("169", 1)):
         for row in ("sdlora", "gumbel", "fit0.8", "novelty0.045_share5", "even3"):
             run = by[f"{p}_grey_invert_{placement}_{row}_1993"]

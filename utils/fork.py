@@ -79,7 +79,8 @@ def check_fork(parent: Path, parent_cfg: Config, child: Config, k: int) -> None:
     if child.growth_schedule is not None:
         grew = own_adapters(parent, k)
         if early(child.growth_schedule) != grew:
-            errors.append(f"config key 'growth_schedule' = {child.growth_schedule} lists {early(child.growth_schedule)} "
+            errors.append(f"config key 'growth_schedule' = {child.growth_schedule} "
+                          f"lists {early(child.growth_schedule)} "
                           f"below task {k}, but the parent grew adapters at {grew}; the schedule must agree there")
     if errors:
         raise ConfigError("cannot fork:\n" + "\n".join(errors))

@@ -3,8 +3,9 @@
 Reads only what a run wrote (config.json, metrics.json, beta records), never the model, so it works on
 runs of any method, finished or stopped after some tasks. Per run, PNGs in RUN_DIR/plots/: the
 accuracy matrix, the A_t curve and, for adapter methods, the adapters in force after every task (with
-the gate's beta for Gumbel runs) and, for growth rules, their need signal per task. With several runs, a comparison figure, a per-run table and a
-mean +- std table over seeds, written next to the comparison figure and printed.
+the gate's beta for Gumbel runs) and, for growth rules, their need signal per task. With several runs, a
+comparison figure, a per-run table and a mean +- std table over seeds, written next to the comparison figure
+and printed.
 
 Every run counts its tasks: done / planned (metrics.json's ``tasks_planned``, or for runs made before it was
 recorded, the task count its config gives). A run that stopped before its last task is shown as such and left
@@ -108,7 +109,8 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path.parent}: {path.name} cannot be read ({getattr(e, 'strerror', None) or e}); {fix}") from None
+        raise ReportError(f"{path.parent}: {path.name} cannot be read "
+                          f"({getattr(e, 'strerror', None) or e}); {fix}") from None
     if not text.strip():
         raise ReportError(f"{path.parent}: {path.name} is empty; {fix}")
     try:
@@ -281,7 +283,8 @@ def growth_signal(run: Run) -> Optional[tuple[str, dict[int, float], dict[int, b
     for key, name in (("gain", "held-out gain of a new adapter over reuse (nats)"),
                       ("fit", "held-out loss of reuse over ln(classes) (1 = chance)"),
                       ("drift", "drift of the earlier classes' logits under reuse"),
-                      ("novelty", f"novelty: mean token shift from the {run.config.get('novelty_reference') or 'latest'}"
+                      ("novelty", "novelty: mean token shift from the "
+                                  f"{run.config.get('novelty_reference') or 'latest'}"
                                   " adapter's tasks (pretrained features)")):
         if growth and key in growth[0]:
             return name, {g["task"]: g[key] for g in growth}, {g["task"]: bool(g["grow"]) for g in growth}
@@ -375,8 +378,8 @@ def run_row(run: Run) -> dict:
     m = run.metrics
     train = m.get("train_seconds") or []
     return {"run": run.path.name, "method": run.label, "seed": run.config.get("seed"),
-            "tasks": run.n_tasks, "tasks_planned": run.planned, "A_last": m["A_last"], "A_avg": m["A_avg"], "forgetting": m["forgetting"],
-            "active_adapters": (m.get("active_adapters") or [None])[-1],
+            "tasks": run.n_tasks, "tasks_planned": run.planned, "A_last": m["A_last"], "A_avg": m["A_avg"],
+            "forgetting": m["forgetting"], "active_adapters": (m.get("active_adapters") or [None])[-1],
             "adapter_params": (m.get("adapter_params") or [None])[-1],
             "train_s_per_task": sum(train) / len(train) if train else None,
             "train_s": sum(train) if train else None,

@@ -110,8 +110,9 @@ def check_checkpoints(run_dir: Path, tasks: range, model_name: str, role: str = 
             raise CheckpointError(f"checkpoint '{path}' holds task {meta['task']}'s tensors (its metadata), not task "
                                   f"{t}'s: copied from elsewhere? Restore the run's own file")
         if meta.get("model_name", model_name) != model_name:
-            raise CheckpointError(f"checkpoint '{path}' was saved by model_name '{meta['model_name']}', but config.json "
-                                  f"says '{model_name}': the folder mixes two runs; restore the run's own file")
+            raise CheckpointError(f"checkpoint '{path}' was saved by model_name '{meta['model_name']}', "
+                                  f"but config.json says '{model_name}': the folder mixes two runs; "
+                                  "restore the run's own file")
 
 
 def check_resumable(run_dir: Path, cfg, metrics: Optional[dict]) -> int:

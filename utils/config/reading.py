@@ -203,7 +203,8 @@ def read_json_file(path: str, what: str, fix: str):
     try:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{what} '{path}' cannot be read as text ({getattr(e, 'strerror', None) or e}); {fix}") from None
+        raise ConfigError(f"{what} '{path}' cannot be read as text "
+                          f"({getattr(e, 'strerror', None) or e}); {fix}") from None
     if not text.strip():
         raise ConfigError(f"{what} '{path}' is empty; {fix}")
     try:

@@ -276,8 +276,8 @@ class Config:
     ranpac_dim: int = _key(10000, "head \"ridge\": M, the random projection's width (RanPAC's default 10,000); "
                            "G is M x M float64", check=_positive)
     drift_compensation: Literal["none", "sdc", "linear"] = _key(
-        "none", "heads \"ncm\", \"feature_ridge\" and \"aligned\": move the old classes' statistics by the drift the current task's "
-        "images show between the backbone before the task and after it: \"sdc\" (each old mean by the "
+        "none", "heads \"ncm\", \"feature_ridge\" and \"aligned\": move the old classes' statistics by the drift the "
+        "current task's images show between the backbone before the task and after it: \"sdc\" (each old mean by the "
         "Gaussian-weighted mean drift of the images near it, SDC) or \"linear\" (means and covariances through "
         "the least-squares affine map from old to new features, LDC)")
     sdc_sigma: float = _key(1.0, "drift_compensation \"sdc\": the bandwidth, in units of the root mean squared "

@@ -30,7 +30,7 @@ def find_gpus(option: Optional[str] = None) -> list[str]:
         listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return [str(i) for i, line in enumerate(l for l in listing.splitlines() if l.startswith("GPU "))]
+    return [str(i) for i, line in enumerate(row for row in listing.splitlines() if row.startswith("GPU "))]
 
 
 def slot_env(slot: int, jobs: int, gpus: list[str], base: Optional[dict] = None) -> dict[str, str]:
