@@ -163,8 +163,9 @@ def linear_drift_map(old: torch.Tensor, new: torch.Tensor, ridge: float = 1e-3) 
 
 # ---- the heads -------------------------------------------------------------------------------------------------
 class StatsHead:
-    """Per-class statistics taken after each task, and logits computed from them. Subclasses say what they keep
-    (``keeps``) and how they classify (``logits``) and refit (``refit``)."""
+    """Per-class statistics taken after each task, and logits computed from them. Every head keeps each class's
+    mean and count; a subclass says what else it keeps (``keeps_cov``, ``take``), how it fits (``refit``) and how
+    it classifies (``logits``)."""
 
     name: ClassVar[str] = ""
     keeps_cov: ClassVar[bool] = False  # per-class covariances (aligned; and for drift maps of them)
