@@ -164,20 +164,22 @@ def label_runs(runs: list[Run]) -> None:
         same = [o for o in runs if o.method == r.method and o is not r]
         order = list(dict.fromkeys([*r.config, *(k for o in same for k in o.config)]))
         keys = [k for k in order if k not in NOT_EXPERIMENT
-                and any(r.config.get(k) != o.config.get(k) for o in same)]
+                and any(_shown(k, r.config.get(k)) != _shown(k, o.config.get(k)) for o in same)]
         extra = ", ".join(f"{k}={json.dumps(_shown(k, r.config.get(k)))}" for k in keys[:3])
         r.label = r.method + (f" ({extra}{', ...' if len(keys) > 3 else ''})" if extra else "")
 
 
 def _shown(key: str, value):
-    """A value as a label shows it: a path key (stored absolute) by its file's name."""
+    """A value as a label shows it and runs are compared by: a path key by its file's name, so a run folder
+    that stored the path relative (before 2026-12-07) and one that stored it absolute are the same config."""
     return Path(value).name if key in PATH_KEYS and isinstance(value, str) else value
 
 
 def _experiment_key(run: Run) -> str:
     """Runs with the same key are seeds of one config: equal config but for the seed and the bookkeeping keys,
     and the same number of finished tasks (A_last after 3 tasks is not A_last after 10)."""
-    return json.dumps([{k: v for k, v in run.config.items() if k not in NOT_EXPERIMENT}, run.n_tasks], sort_keys=True)
+    return json.dumps([{k: _shown(k, v) for k, v in run.config.items() if k not in NOT_EXPERIMENT}, run.n_tasks],
+                      sort_keys=True)
 
 
 # ---- figures --------------------------------------------------------------------------------------
