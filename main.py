@@ -276,7 +276,7 @@ def _train_on(run_dir: Path, cfg: Config, state, done: int) -> Path:
         log.info(f"removed {stale.name}, a temporary file left by the interrupted run")
     log.info(f"Resuming {run_dir} at task {done}/{dm.n_tasks}")
     learner.run(dm, start=done)
-    log.info(f"Done: {learner.headline()}; results in {run_dir}")  # as a new run ends (run.sh reads it)
+    log.info(f"Done: {learner.headline()}; results in {run_dir}")  # as a new run ends (the sweep reads the run folder)
     if not cfg.pretrained:
         log.info(RANDOM_INIT_NOTE)
     return run_dir
