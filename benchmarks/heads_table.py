@@ -4,8 +4,9 @@
 
 ``runs:GLOB`` takes run folders (their metrics.json: the head in force); ``replay:GLOB:VARIANT`` takes
 benchmarks/heads.py --json files and one of their variants (the costs and adapters from the replayed run's
-metrics.json; the stored numbers are the run's adapters plus the head's statistics). Each row: A_last and A_avg
-as mean ± std over the seeds found, forgetting, adapters, stored numbers, train seconds (10 tasks), seeds.
+metrics.json; the stored numbers are the run's adapters plus the head's statistics; the seconds are the run's
+training alone, without the head's). Each row: A_last and A_avg as mean ± std over the seeds found, forgetting,
+adapters, stored numbers, train seconds (10 tasks; with the head's own where it ran in the run), seeds.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _from_run(run: Path, values: dict | None = None) -> dict:
     m = json.loads((run / "metrics.json").read_text())
     seed = json.loads((run / "config.json").read_text())["seed"]
     v = values or m
-    stored = m["adapter_params"][-1] + (v.get("head_stored_numbers") if values else
+    stored = m["adapter_params"][-1] + ((v.get("head_stored_numbers") or 0) if values else
                                         (m.get("head_stored_numbers") or [0])[-1])
     return {"seed": seed, "A_last": v["A_last"], "A_avg": v["A_avg"], "forgetting": v["forgetting"],
             "adapters": m["active_adapters"][-1], "stored": stored,
