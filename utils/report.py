@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from utils.data.data_manager import task_sizes  # noqa: E402
+from utils.json_file import JsonFileError, read_json_file  # noqa: E402
 from utils.run_folder import PATH_KEYS  # noqa: E402
 from utils.run_metrics import metrics_problem  # noqa: E402
 
@@ -105,18 +106,11 @@ def _read_json(path: Path, what: str) -> dict:
         why = ("(a run that stopped before it finished its first task has none)" if path.name == "metrics.json"
                else "(not a run folder)")
         raise ReportError(f"{path.parent}: no {path.name} {why}; leave the folder out of --report")
-    fix = f"leave the folder out of --report, or restore its {path.name}"
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path.parent}: {path.name} cannot be read "
-                          f"({getattr(e, 'strerror', None) or e}); {fix}") from None
-    if not text.strip():
-        raise ReportError(f"{path.parent}: {path.name} is empty; {fix}")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{path.parent}: {path.name} is not valid JSON ({e}); {fix}") from None
+        value = read_json_file(path)
+    except JsonFileError as e:
+        raise ReportError(f"{path.parent}: {path.name} {e.reason}; leave the folder out of --report, or restore "
+                          "it") from None
     if not isinstance(value, dict):
         raise ReportError(f"{path.parent}: {path.name} holds a JSON {type(value).__name__}, not an object of {what}; "
                           "leave the folder out of --report, or restore the file")

@@ -10,7 +10,6 @@ Every refusal is a ``RunFolderError`` (exit 2) whose one line names the file and
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from utils.io import CheckpointError, read_metadata
+from utils.json_file import JsonFileError, read_json_file
 from utils.run_metrics import metrics_problem, tasks_recorded
 
 #: A run folder's per-task files: task_3.safetensors, beta_values_task_3.pt, growth_task_3.pt, ...
@@ -35,18 +35,12 @@ class RunFolderError(ValueError):
 def read_json(path: Path, fix: str) -> Any:
     """A JSON file of a run folder; RunFolderError naming it (and ``fix``) when it is missing, unreadable,
     empty or not JSON."""
-    if not path.is_file():
+    if not path.exists():
         raise RunFolderError(f"'{path}' is missing; {fix}")
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise RunFolderError(f"'{path}' cannot be read ({getattr(e, 'strerror', None) or e}); {fix}") from None
-    if not text.strip():
-        raise RunFolderError(f"'{path}' is empty (cut off while written by a tool other than this one?); {fix}")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RunFolderError(f"'{path}' is not valid JSON ({e}): damaged or cut short; {fix}") from None
+        return read_json_file(path)
+    except JsonFileError as e:
+        raise RunFolderError(f"'{path}' {e.reason}; {fix}") from None
 
 
 def read_config(run_dir: Path, flag: str) -> dict:

@@ -20,6 +20,7 @@ from utils.config.checks import _cross_checks
 from utils.config.methods import FIELDS, method_specs
 from utils.config.protocols import apply_protocol
 from utils.config.schema import DEFAULTS, LORA_METHODS, Config, ConfigError
+from utils import json_file
 
 
 #: Keys of the published configs that mean nothing here, with what to do instead.
@@ -195,22 +196,12 @@ def load_config(path: Optional[str], overrides: Optional[dict] = None) -> Config
 def read_json_file(path: str, what: str, fix: str):
     """A JSON file the user names (a config, a protocol); ConfigError naming it when it is missing, a folder,
     unreadable, empty or not JSON."""
-    p = Path(path)
-    if not p.exists():
+    if not Path(path).exists():
         raise ConfigError(f"{what} '{path}' does not exist; {fix}")
-    if not p.is_file():
-        raise ConfigError(f"{what} '{path}' is a folder, not a file; {fix}")
     try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{what} '{path}' cannot be read as text "
-                          f"({getattr(e, 'strerror', None) or e}); {fix}") from None
-    if not text.strip():
-        raise ConfigError(f"{what} '{path}' is empty; {fix}")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{what} '{path}' is not valid JSON: {e}") from None
+        return json_file.read_json_file(Path(path))
+    except json_file.JsonFileError as e:
+        raise ConfigError(f"{what} '{path}' {e.reason}; {fix}") from None
 
 
 def describe_keys() -> str:
