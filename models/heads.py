@@ -249,9 +249,12 @@ class StatsHead:
         if self.keeps_cov:
             self.covs = t["covs"].to(self.device)
 
+    #: State tensors that are bookkeeping, not statistics of the classes (not counted as stored numbers).
+    uncounted: ClassVar[tuple[str, ...]] = ("task_sizes", "ridges")
+
     def stored_numbers(self) -> int:
         """Numbers the head keeps for its classes (means, covariances, G, Q, ...)."""
-        return sum(v.numel() for k, v in self.state_tensors().items() if k not in ("task_sizes", "ridges"))
+        return sum(v.numel() for k, v in self.state_tensors().items() if k not in self.uncounted)
 
 
 class NCMHead(StatsHead):
@@ -265,7 +268,7 @@ class NCMHead(StatsHead):
 
 class RidgeHead(StatsHead):
     """RanPAC's ridge classifier over relu(f W_rand), G and Q of every image seen, each through the backbone of
-    its task (G is M x M float64: 800 MB at M = 10,000)."""
+    its task (G is M x M float64: 800 MB at M = 10,000). W_rand is not saved: the seed draws it again."""
 
     name = "ridge"
 
@@ -314,10 +317,6 @@ class RidgeHead(StatsHead):
         self.G, self.Q = t["G"].to(self.device), t["Q"].to(self.device)
         if self.ridges:
             self.refit(len(self.ridges) - 1)
-
-    def stored_numbers(self) -> int:
-        """G, Q and the means; W_rand is not counted (the seed draws it again)."""
-        return super().stored_numbers()
 
 
 class FeatureRidgeHead(StatsHead):
@@ -376,6 +375,7 @@ class AlignedHead(StatsHead):
 
     name = "aligned"
     keeps_cov = True
+    uncounted = StatsHead.uncounted + ("weight", "bias")  # the aligned rows replace the learner's own head rows
 
     def __init__(self, n_features: int, seed: int, device: torch.device, cfg=None):
         super().__init__(n_features, seed, device, cfg)
@@ -407,9 +407,6 @@ class AlignedHead(StatsHead):
         super().load_state(t)
         self.weight, self.bias = t["weight"].to(self.device), t["bias"].to(self.device)
 
-    def stored_numbers(self) -> int:
-        """Means, covariances (d^2 a class) and counts; the head's rows are the learner's own."""
-        return sum(v.numel() for k, v in super().state_tensors().items() if k not in ("task_sizes", "ridges"))
 
 
 #: The heads, by the ``head`` key's value ("linear" is the learner's own head: no entry).
