@@ -233,9 +233,9 @@ class LoRAQKV(nn.Module):
         return torch.addmm(F.linear(x2, self.base.weight, self.base.bias), h, B_full.t())
 
     def _forward_fused(self, x2: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
-        A, B = self._factors()
-        first = sum(self._ranks_old) if self.current is not None else A.shape[1]
-        return FusedLowRank.apply(x2, self.base.weight, self.base.bias, A, B, self._scales(coeff), self.offsets, first)
+        A, B = self.current_factors() if self.current is not None else (None, None)
+        return FusedLowRank.apply(x2, self.base.weight, self.base.bias, self._A_old, self._B_old, A, B,
+                                  self._scales(coeff), self.offsets)
 
     def _forward_merged(self, x2: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
         return _DeltaLinear.apply(x2, self.base.weight, self.base.bias, self.delta_weight(coeff), self.offsets)

@@ -5,12 +5,15 @@ weight and bias no gradient. They differ in the backward:
 
 - ``_DeltaLinear`` takes the delta per slice (P, d, d) and returns its gradient dY_p^T X (N d^2 per slice);
   autograd then carries it through delta = B diag(s) A.
-- ``FusedLowRank`` takes the factors and per-rank scales and returns grad s, and grad A, B for the trainable
-  rank rows only, from X and dY directly (H = X A^T, G = dY_p B: 2 N d R per slice) while 3 R < d, so no
-  d x d gradient is formed; at larger total rank R it goes through dY_p^T X, which is then cheaper (one
-  thread, N = 2080 tokens, d = 384: 1.0 / 2.9 / 4.0 ms per slice at R = 10 / 100 / 150 against 3.3-3.7 ms).
+- ``FusedLowRank`` takes the frozen stack, the current adapter's factors and per-rank scales and returns grad s,
+  and grad A, B for the current adapter only, from X and dY directly (H = X A^T, G = dY_p B: 2 N d R per slice)
+  while 3 R < d, so no d x d gradient is formed; at larger total rank R it goes through dY_p^T X, which is then
+  cheaper (one thread, N = 2080 tokens, d = 384: 1.0 / 2.9 / 4.0 ms per slice at R = 10 / 100 / 150 against
+  3.3-3.7 ms).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -58,31 +61,49 @@ class _DeltaLinear(torch.autograd.Function):
 
 def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: torch.Tensor, offsets) -> torch.Tensor:
     """W + sum over slices p of B_p diag(s_p) A_p on rows [o_p, o_p + d)."""
-    return add_to_slices(weight, [(B[p] * s[p]) @ A[p] for p in range(len(offsets))], offsets)
+    return add_to_slices(weight, slice_blocks(A, B, s), offsets)
+
+
+def slice_blocks(A: torch.Tensor, B: torch.Tensor, s: torch.Tensor) -> list[torch.Tensor]:
+    """Each target slice's weight change B_p diag(s_p) A_p (d x d)."""
+    return [(B[p] * s[p]) @ A[p] for p in range(A.shape[0])]
+
+
+def joined(old: torch.Tensor, cur: Optional[torch.Tensor], dim: int) -> torch.Tensor:
+    """The frozen stack and the current adapter's factors as one tensor along the rank (a temporary)."""
+    if cur is None:
+        return old
+    return cur if old.shape[dim] == 0 else torch.cat([old, cur], dim)
 
 
 class FusedLowRank(torch.autograd.Function):
-    """y = x (W + sum_p B_p diag(s_p) A_p)^T + b for A (P, R, d), B (P, d, R), s (P, R); rank rows from
-    ``first`` on are trainable (the current adapter), those before it frozen (only their scales get a gradient).
+    """y = x (W + sum_p B_p diag(s_p) A_p)^T + b, where A = [A_old, A_cur] (P, R, d) and B = [B_old, B_cur]
+    (P, d, R) along the rank and s (P, R): the frozen stack (A_old, B_old: only their scales get a gradient) and the
+    current adapter (A_cur, B_cur, or None), given apart so that no per-step copy of the stack is kept.
+
+    Saved for the backward: references to the inputs and the slices' d x d weight changes (P d^2, whatever the
+    number of adapters), so the backward neither re-forms the merged weight nor holds a copy growing with R.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias, A, B, s, offsets, first):
-        ctx.save_for_backward(x, weight, A, B, s)  # the factors (2 P R d), not the merged W (3 d^2): rebuilt below
-        ctx.offsets, ctx.first = offsets, first
-        return F.linear(x, merged_weight(weight, A, B, s, offsets), bias)
+    def forward(ctx, x, weight, bias, A_old, B_old, A_cur, B_cur, s, offsets):
+        blocks = slice_blocks(joined(A_old, A_cur, 1), joined(B_old, B_cur, 2), s)
+        ctx.save_for_backward(x, weight, A_old, B_old, A_cur, B_cur, s, *blocks)
+        ctx.offsets = offsets
+        return F.linear(x, add_to_slices(weight, blocks, offsets), bias)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g):
-        x, weight, A, B, s = ctx.saved_tensors
-        need_x, need_a, need_b, need_s = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
-        gx = g @ merged_weight(weight, A, B, s, ctx.offsets).to(g.dtype) if need_x else None
-        gA = torch.zeros_like(A) if need_a else None
-        gB = torch.zeros_like(B) if need_b else None
+        x, weight, A_old, B_old, A_cur, B_cur, s, *blocks = ctx.saved_tensors
+        need_x, need_a, need_b, need_s = (ctx.needs_input_grad[i] for i in (0, 5, 6, 7))
+        A, B = joined(A_old, A_cur, 1), joined(B_old, B_cur, 2)  # temporaries of this backward only
+        gx = g @ add_to_slices(weight, blocks, ctx.offsets).to(g.dtype) if need_x else None
+        gA = torch.zeros_like(A_cur) if need_a else None
+        gB = torch.zeros_like(B_cur) if need_b else None
         gs = torch.zeros_like(s) if need_s else None
-        f, d, R = ctx.first, A.shape[-1], A.shape[1]
+        f, d, R = A_old.shape[1], A.shape[-1], A.shape[1]
         xg, Ag, Bg, sg = (t.to(g.dtype) for t in (x, A, B, s))
         for p, o in enumerate(ctx.offsets):
             gp = g[:, o:o + d]
@@ -91,16 +112,16 @@ class FusedLowRank(torch.autograd.Function):
                 if need_s:
                     gs[p] = (H * G).sum(0)
                 if need_a:
-                    gA[p, f:] = ((G[:, f:] * sg[p, f:]).t() @ xg).to(A.dtype)
+                    gA[p] = ((G[:, f:] * sg[p, f:]).t() @ xg).to(A.dtype)
                 if need_b:
-                    gB[p, :, f:] = (gp.t() @ (H[:, f:] * sg[p, f:])).to(B.dtype)
+                    gB[p] = (gp.t() @ (H[:, f:] * sg[p, f:])).to(B.dtype)
             else:  # through the d x d gradient of the slice's delta, dL/dD_p = dY_p^T X
                 gd = gp.t() @ xg
                 gdA = gd @ Ag[p].t()  # (d, R)
                 if need_s:
                     gs[p] = (gdA * Bg[p]).sum(0)
                 if need_a:
-                    gA[p, f:] = (sg[p, f:, None] * (Bg[p][:, f:].t() @ gd)).to(A.dtype)
+                    gA[p] = (sg[p, f:, None] * (Bg[p][:, f:].t() @ gd)).to(A.dtype)
                 if need_b:
-                    gB[p, :, f:] = (gdA[:, f:] * sg[p, f:]).to(B.dtype)
-        return gx, None, None, gA, gB, gs, None, None
+                    gB[p] = (gdA[:, f:] * sg[p, f:]).to(B.dtype)
+        return gx, None, None, None, None, gA, gB, gs, None

@@ -235,17 +235,52 @@ def test_fused_low_rank_gradcheck_and_frozen_rows_get_no_factor_gradient(rank, f
         torch.randn(2, d, rank, dtype=torch.float64, generator=g)
     s = torch.randn(2, rank, dtype=torch.float64, generator=g)
     A.requires_grad_(), B.requires_grad_(), s.requires_grad_()
-    y = FusedLowRank.apply(x, w, b, A, B, s, (0, 2 * d), first)
+    # rows before ``first``: the frozen stack (no gradient); from it on: the current adapter (None: there is none)
+    A_old, B_old = A[:, :first].detach(), B[..., :first].detach()
+    A_cur, B_cur = (A[:, first:], B[..., first:]) if first < rank else (None, None)
+    y = FusedLowRank.apply(x, w, b, A_old, B_old, A_cur, B_cur, s, (0, 2 * d))
     want = x @ w.t() + b
     for p, o in enumerate((0, 2 * d)):
         want = torch.cat([want[:, :o], want[:, o:o + d] + x @ (B[p] * s[p] @ A[p]).t(), want[:, o + d:]], 1)
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
     gy = torch.randn_like(y)
-    ga, gb = torch.autograd.grad(y, (A, B), gy)
-    wa, wb = torch.autograd.grad(want, (A, B), gy)
-    torch.testing.assert_close(ga[:, first:], wa[:, first:])
-    torch.testing.assert_close(gb[..., first:], wb[..., first:])
-    assert not ga[:, :first].any() and not gb[..., :first].any()  # frozen rows: their factors take no gradient
+    wa, wb, ws, wx = torch.autograd.grad(want, (A, B, s, x), gy)
+    if A_cur is None:
+        gs, gx = torch.autograd.grad(y, (s, x), gy)
+    else:
+        ga, gb, gs, gx = torch.autograd.grad(y, (A, B, s, x), gy)
+        torch.testing.assert_close(ga[:, first:], wa[:, first:])
+        torch.testing.assert_close(gb[..., first:], wb[..., first:])
+        assert not ga[:, :first].any() and not gb[..., :first].any()  # frozen rows: their factors take no gradient
+    torch.testing.assert_close(gs, ws)
+    torch.testing.assert_close(gx, wx)
     if first == 0:
-        assert torch.autograd.gradcheck(lambda x, A, B, s: FusedLowRank.apply(x, w, b, A, B, s, (0, 2 * d), 0),
-                                        (x, A, B, s))
+        empty_A, empty_B = A[:, :0].detach(), B[..., :0].detach()
+        assert torch.autograd.gradcheck(
+            lambda x, A, B, s: FusedLowRank.apply(x, w, b, empty_A, empty_B, A, B, s, (0, 2 * d)), (x, A, B, s))
+
+
+@pytest.mark.parametrize("strategy", ["merged", "fused"])
+def test_a_training_step_saves_no_copy_that_grows_with_the_adapters(strategy):
+    """What autograd keeps for the backward, besides the inputs, parameters and buffers it refers to, grows from 2
+    frozen adapters to 40 by the per-row scales alone (P numbers a rank row), never by a copy of the frozen factors
+    (P d numbers a rank row): the stack is not copied per step (issue 42)."""
+    kept = {}
+    for n_frozen in (2, 40):
+        layer = make_layer(strategy=strategy, ranks=(3,) * (n_frozen + 1))
+        layer.configure(frozen=list(range(n_frozen)), current=n_frozen)
+        layer.coeff = torch.ones(n_frozen + 1, requires_grad=True)
+        x = torch.randn(7, D, requires_grad=True)
+        owned = {t.untyped_storage().data_ptr() for t in [x, layer.coeff, *layer.parameters(), *layer.buffers()]}
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in owned:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x)
+        y.sum().backward()  # and the backward runs on what was kept
+        kept[n_frozen] = sum(saved.values())
+    rows = 3 * (40 - 2)
+    assert kept[40] - kept[2] <= 2 * rows * 4, kept  # (q, v) x the added rank rows x one float32 scale
