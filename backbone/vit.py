@@ -14,6 +14,11 @@ from backbone.lora import LoRAQKV, adapter_norm
 from backbone.subspace import SubspaceAdapter, SubspaceSpec, stored_numbers
 
 
+#: What ``adapter_tensors`` writes into a task's checkpoint (and ``load_adapter_tensors`` reads): keys with these
+#: prefixes (plain factors and the owner, or SubLoRA's z, seed and split).
+ADAPTER_KEYS = ("adapter.", "subspace.")
+
+
 class BackboneError(ValueError):
     """A backbone that cannot be built: unknown name, missing or unreadable weights."""
 
@@ -112,6 +117,7 @@ class LoRAViT(nn.Module):
         self.served_by: dict[int, int] = {}  # task -> the earlier adapter that trained on it (reopened, shared)
         self.last_beta: Optional[torch.Tensor] = None
         self._merged = False
+        self._configure_later = False  # inside configure_once: configure() waits for the way out
 
     @property
     def num_features(self) -> int:
@@ -132,6 +138,8 @@ class LoRAViT(nn.Module):
 
     def configure(self) -> None:
         """Push the gate's active set (mask, current) to every block; call after any change of it."""
+        if self._configure_later:
+            return
         frozen = self.gate.frozen_active()
         cur = self.gate.current if self.gate._current_active() else None
         for layer in self.layers:
@@ -141,6 +149,18 @@ class LoRAViT(nn.Module):
                 layer.lora_A[str(cur)].requires_grad_(False)
                 layer.lora_B[str(cur)].requires_grad_(False)
         self.unmerge()
+
+    @contextmanager
+    def configure_once(self) -> Iterator[None]:
+        """Inside, ``configure`` waits: the blocks are configured once, on the way out. For replaying many structure
+        changes at once (restoring t tasks replays t of them; configuring after each, every one restacking every
+        frozen adapter, made a restore quadratic in t)."""
+        self._configure_later = True
+        try:
+            yield
+        finally:
+            self._configure_later = False
+        self.configure()
 
     def freeze_current(self) -> None:
         """End of a task: the current adapter joins the frozen ones (norms computed once, here)."""

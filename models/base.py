@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from backbone.gate import AdapterGate
 from backbone.head import GrowingHead
-from backbone.vit import LoRAViT, create_vit
+from backbone.vit import ADAPTER_KEYS, LoRAViT, create_vit
 from models import heads
 from utils.config import Config, check_device
 from utils import dist
@@ -374,19 +374,21 @@ class Learner:
                                   "config edited, or does the folder hold another run?") from None
 
     def _restore(self, dm: DataManager, done: int) -> None:
-        for task in range(done + 1):
-            self.n_new = dm.sizes[task]
-            self.begin_task(task, dm.sizes[task])
-            ck = load_tensors(self.run_dir / f"task_{task}.safetensors")
-            self.net.backbone.load_adapter_tensors(task, ck)
-            self.gate.current = None
-        # ck: the last task's checkpoint, which holds the whole head and the gate
-        with torch.no_grad():
-            self.net.head.weight.copy_(ck["head.weight"])
-            self.net.head.bias.copy_(ck["head.bias"])
-        self.gate.load_state(ck)
-        self.load_extra_tensors(ck)
-        self.net.backbone.configure()
+        backbone = self.net.backbone
+        with backbone.configure_once():  # the frozen stacks built once, not once per task replayed
+            for task in range(done + 1):
+                self.n_new = dm.sizes[task]
+                self.begin_task(task, dm.sizes[task])
+                # an earlier task's checkpoint gives its adapter only: the head and gate come from the last one
+                ck = load_tensors(self.run_dir / f"task_{task}.safetensors", None if task == done else ADAPTER_KEYS)
+                backbone.load_adapter_tensors(task, ck)
+                self.gate.current = None
+            # ck: the last task's checkpoint, which holds the whole head and the gate
+            with torch.no_grad():
+                self.net.head.weight.copy_(ck["head.weight"])
+                self.net.head.bias.copy_(ck["head.bias"])
+            self.gate.load_state(ck)
+            self.load_extra_tensors(ck)
 
     def _take_head(self, dm: DataManager, task: int, before: Optional[torch.Tensor]) -> None:
         """The statistics head takes the task's classes (models/heads.py); its record goes to metrics.json."""

@@ -8,7 +8,7 @@ import socket
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -101,13 +101,18 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing or cannot be read; the message names the file."""
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors file, with an error that names the file when it is missing or corrupt."""
+def load_tensors(path: Path, prefixes: Optional[tuple[str, ...]] = None) -> dict[str, torch.Tensor]:
+    """Read a .safetensors file (with ``prefixes``, only the tensors whose names start with one of them: the rest
+    is not read), with an error that names the file when it is missing or corrupt."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist (was the run made with save_adapters false?)")
     try:
-        return load_file(str(path))
+        if prefixes is None:
+            return load_file(str(path))
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"checkpoint '{path}' is corrupt or not a safetensors file: {e}") from None
 
