@@ -30,6 +30,7 @@ from utils.config import Config, check_device
 from utils import dist
 from utils.data.data_manager import DataManager, EpochSampler
 from utils.io import CheckpointError, load_tensors, save_tensors
+from utils.memory import PeakMemory
 from utils.metrics import topk_correct
 from utils.optim import build_optimizer, build_scheduler
 from utils.data.augment import DeviceAugment
@@ -88,6 +89,7 @@ class Learner:
         self.train_tf, self.test_tf = build_transforms(cfg.img_size, cfg.crop_scale, mean, std)
         self.device_augment = DeviceAugment(cfg.img_size, cfg.crop_scale, mean, std)
         self.book = RunMetrics(self.run_dir)
+        self.peak_memory = PeakMemory(device)  # each task's peak (metrics.json: peak_memory_mb)
         self.tracker = Tracker(cfg.loggers, self.run_dir, cfg.to_dict())
         self.task_epochs = 0  # epochs run in the task in progress, every phase counted (the trackers' step)
         self.task_steps = 0  # optimiser steps of the task in progress (metrics: train_steps, the compute a rule spends)
@@ -319,11 +321,11 @@ class Learner:
         """The run's metrics so far (utils/run_metrics.py), as recorded after each task."""
         return self.book.values
 
-    def record(self, task: int, res: dict, train_s: float, eval_s: float) -> None:
+    def record(self, task: int, res: dict, train_s: float, eval_s: float, peak_mb: Optional[float]) -> None:
         """Record a task's evaluation and costs, save metrics.json, tell the trackers, log."""
         active = self.active_adapters()
         self.book.record(res, active, self.net.backbone.adapter_param_count(active),
-                         train_s, self.task_steps, eval_s)
+                         train_s, self.task_steps, eval_s, peak_mb)
         self.record_extra(task)
         self.book.save()
         self.tracker.task(task, {"task/A": res["total"], "task/old_accuracy": res["old"],
@@ -408,6 +410,7 @@ class Learner:
 
     def _run_task(self, dm: DataManager, task: int) -> None:
         """One task: seed, structure, training, the statistics head, evaluation, record, checkpoint."""
+        self.peak_memory.reset()  # the task's peak: its training, statistics head and evaluation
         h0 = time.perf_counter()
         before = heads.features_before(self, dm, task)  # drift compensation's view of the task, if any
         head_s = time.perf_counter() - h0
@@ -429,5 +432,6 @@ class Learner:
         t3 = time.perf_counter()
         # the checkpoint first: metrics.json listing the task is what marks it done for --resume, so a kill
         # between the two writes leaves the task to be trained again, never a done task without its tensors
+        peak_mb = self.peak_memory.read_mb()
         self.save_task(task)
-        self.record(task, res, t1 - t0, t3 - t2)
+        self.record(task, res, t1 - t0, t3 - t2, peak_mb)

@@ -17,7 +17,7 @@ log = logging.getLogger("cl")
 
 ACCURACY_KEYS = ("accuracy_matrix", "A", "old_accuracy", "new_accuracy", "top5", "A_last", "A_avg", "forgetting")
 PER_TASK = ("accuracy_matrix", "A", "old_accuracy", "new_accuracy", "top5", "active_adapters", "adapter_params",
-            "train_seconds", "train_steps", "eval_seconds")
+            "train_seconds", "train_steps", "eval_seconds", "peak_memory_mb")
 
 
 def tasks_recorded(saved: dict) -> int:
@@ -65,7 +65,7 @@ class RunMetrics:
         self.tasks_planned: Optional[int] = None  # the run's task count (set by main.py): --report tells a stopped run
 
     def record(self, res: dict, active: Optional[list], adapter_params: int, train_s: float, train_steps: int,
-               eval_s: float) -> None:
+               eval_s: float, peak_mb: Optional[float]) -> None:
         """Append one task's evaluation (``Learner.evaluate``) and costs, update the summaries, save."""
         m = self.values
         m["accuracy_matrix"].append(res["per_task"])
@@ -78,6 +78,7 @@ class RunMetrics:
         m["train_seconds"].append(train_s)
         m.setdefault("train_steps", []).append(train_steps)
         m["eval_seconds"].append(eval_s)
+        m["peak_memory_mb"].append(peak_mb)
         m.update(summarize(m["accuracy_matrix"], m["A"]))
 
     def save(self) -> None:
@@ -116,6 +117,8 @@ class RunMetrics:
         """Take back a metrics.json written by ``saved`` (resume)."""
         back = {self._saved_name(k): k for k in self.values}
         self.values = {back.get(k, k): v for k, v in saved.items() if k != "tasks_planned"}
+        # a folder written before peak_memory_mb existed: its finished tasks' peaks were not measured (null)
+        self.values.setdefault("peak_memory_mb", [None] * tasks_recorded(saved))
 
     def headline(self) -> str:
         m, p = self.values, self.prefix
