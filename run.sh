@@ -11,6 +11,7 @@
 #     curve | shifted schedules at 2-5 adapters against the rules, plain and shifted (SHIFT) streams
 #     inflora | baselines | inflora_causes | need | subspace    the tables of docs/inflora.md, baselines.md,
 #                     growth.md and sublora.md
+#     long            the long-stream table (issue 42) on PROTOCOL quick_50 (50 tasks of 2) or quick_20 (20 of 5)
 #   Each file's "description" says what it runs; python -m utils.sweep MODE --executor dry lists its runs.
 # Environment:
 #   JOBS            runs at once (default 1; one thread each when more, one GPU each where GPUs are found)

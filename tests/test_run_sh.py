@@ -112,7 +112,7 @@ def test_overrides_reach_every_run_and_dry_starts_nothing(stub, tmp_path):
 
 def test_unknown_modes_rerun_and_a_seed_override_are_refused_with_exit_2(stub, tmp_path):
     _, out = run_sh(stub, tmp_path, "quikc", code=2)
-    assert "unknown mode 'quikc'; modes: baselines curve heads inflora inflora_causes need offline quick scan " \
+    assert "unknown mode 'quikc'; modes: baselines curve heads inflora inflora_causes long need offline quick scan " \
            "shifted subspace" in out
     _, out = run_sh(stub, tmp_path, "quick", code=2, RERUN="1")
     assert "RERUN=1 is gone" in out

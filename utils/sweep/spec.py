@@ -122,6 +122,7 @@ def axes(entry: dict, raw: dict, values: Mapping[str, str], where: str) -> list[
     out = []
     variants = entry.get("variants")
     if isinstance(variants, str):
+        variants = fill(variants, values, where)  # "{PROTOCOL}": the set named by a variable
         sets = raw.get("variant_sets") or {}
         if variants not in sets:
             raise SweepError(f"{where}: variants '{variants}' is not in \"variant_sets\" ({', '.join(sets) or 'none'})")
