@@ -102,6 +102,8 @@ class LoRAQKV(nn.Module):
         self.current_override: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._merged: Optional[torch.Tensor] = None
         self.bypass = False  # True: the frozen qkv alone, every adapter left out (LoRAViT.pretrained_only)
+        # a frozen snapshot (A (P, R, d), B (P, d, R), s (P, R)) used instead of the live adapters (LoRAViT.viewing)
+        self.view: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
     # ---- adapter bookkeeping ------------------------------------------------------------------
     def add_adapter(self, task: int, rank: int) -> None:
@@ -255,6 +257,25 @@ class LoRAQKV(nn.Module):
                 out[:, o:o + d] = out[:, o:o + d] + w * ((x2 @ A[p].t()) @ B[p].t())
         return out
 
+    def snapshot(self, coeff: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The adapter sum under ``coeff`` as one low-rank triple (A, B, s), copied: later training leaves it as
+        it is. Empty (rank 0) when no adapter takes part."""
+        with torch.no_grad():
+            if coeff is None or not self.n_active:
+                P = len(self.targets)
+                w = self.base.weight
+                return w.new_zeros(P, 0, self.dim), w.new_zeros(P, self.dim, 0), w.new_zeros(P, 0)
+            A, B = self._factors()
+            return A.detach().clone(), B.detach().clone(), self._scales(coeff).detach().clone()
+
+    def _forward_view(self, x2: torch.Tensor) -> torch.Tensor:
+        """The frozen qkv plus the snapshot in ``view``: W x + B diag(s) A x on each target slice."""
+        A, B, s = self.view
+        out = F.linear(x2, self.base.weight, self.base.bias)
+        for p, o in enumerate(self.offsets):
+            out[:, o:o + self.dim] += ((x2 @ A[p].t()) * s[p].to(x2.dtype)) @ B[p].t()
+        return out
+
     def merge(self, coeff: torch.Tensor) -> None:
         """Cache W + delta for inference; ``unmerge`` (or any reconfiguration) drops it."""
         with torch.no_grad():
@@ -274,6 +295,8 @@ class LoRAQKV(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass:
             return self.base(x)
+        if self.view is not None:
+            return self._forward_view(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
         if self._merged is not None:
             return F.linear(x, self._merged.to(x.dtype), self.base.bias)
         if self.n_active == 0:

@@ -300,6 +300,30 @@ class LoRAViT(nn.Module):
             for layer in self.layers:
                 layer.bypass = False
 
+    def snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The adapters as the network evaluates them now, one low-rank triple per block, copied: ``viewing`` gives
+        this backbone back later, whatever the adapters and magnitudes become (the first-session features)."""
+        was = self.gate.training
+        self.gate.eval()
+        with torch.no_grad():
+            w, _ = self.gate.coefficients()
+            self._push_subspace()
+            out = [layer.snapshot(w[i if w.shape[0] > 1 else 0] if w is not None else None)
+                   for i, layer in enumerate(self.layers)]
+        self.gate.train(was)
+        return out
+
+    @contextmanager
+    def viewing(self, snapshot: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+        """Inside, every block computes with ``snapshot`` (from ``snapshot()``) instead of its live adapters."""
+        for layer, view in zip(self.layers, snapshot, strict=True):
+            layer.view = view
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.view = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self._push_coefficients()

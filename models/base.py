@@ -84,6 +84,7 @@ class Learner:
         self.net = Net(backbone, self.make_head(backbone.num_features)).to(device)
         # the classifier a test image meets when ``head`` is not the linear one (models/heads.py)
         self.classifier = heads.make_head(cfg.head_kind, backbone.num_features, seed, device, cfg)
+        self.first_session = heads.make_first_session(cfg, backbone.num_features, seed, device)  # first_session_head
         mean = vit.pretrained_cfg.get("mean") if cfg.normalize else None
         std = vit.pretrained_cfg.get("std") if cfg.normalize else None
         self.train_tf, self.test_tf = build_transforms(cfg.img_size, cfg.crop_scale, mean, std)
@@ -301,7 +302,7 @@ class Learner:
         """The scores a test image gets: the network's own head, or the statistics head (``head``)."""
         if self.classifier is None:
             return self.net(x).float()
-        return self.classifier.logits(self.net.backbone(x).float())
+        return heads.classify(self, x)
 
     @staticmethod
     def _grouped(hit: np.ndarray, y: np.ndarray, dm: DataManager, task: int) -> dict:
@@ -394,7 +395,7 @@ class Learner:
 
     def _take_head(self, dm: DataManager, task: int, before: Optional[torch.Tensor]) -> None:
         """The statistics head takes the task's classes (models/heads.py); its record goes to metrics.json."""
-        entries = dict(heads.take_task(self, dm, task, before), head_stored_numbers=self.classifier.stored_numbers())
+        entries = dict(heads.take_task(self, dm, task, before), head_stored_numbers=heads.stored_numbers(self))
         for key, value in entries.items():
             self.metrics.setdefault(key, []).append(value)
 

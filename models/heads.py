@@ -18,6 +18,7 @@ features to the new ones (LDC, Gomez-Villa et al. 2024).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import ClassVar, Optional
@@ -418,6 +419,59 @@ def make_head(kind: str, n_features: int, seed: int, device: torch.device, cfg=N
     return None if kind == "linear" else HEADS[kind](n_features, seed, device, cfg)
 
 
+class FirstSession:
+    """``first_session_head``: a second statistics head over the features of the backbone as task 0 left it, held
+    as a copy of its adapter sum (``LoRAViT.snapshot``, one adapter's numbers). Those features never drift, so the
+    old classes' statistics stay exact, while ``head`` reads the current backbone, which the later adapters
+    improve; the two heads' logits add (APER and EASE join a stable and an adapted backbone the same way)."""
+
+    def __init__(self, kind: str, n_features: int, seed: int, device: torch.device, cfg=None):
+        self.head = HEADS[kind](n_features, seed, device, cfg)
+        self.view: Optional[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
+
+    @torch.no_grad()
+    def features(self, learner, x: torch.Tensor) -> torch.Tensor:
+        """x through the backbone as task 0 left it."""
+        backbone = learner.net.backbone
+        with backbone.viewing(self.view):
+            return backbone(x).float()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        t = {f"first_session.{k}": v for k, v in self.head.state_tensors().items()}
+        for i, (A, B, s) in enumerate(self.view or []):
+            t.update({f"first_session.view.{i}.A": A, f"first_session.view.{i}.B": B, f"first_session.view.{i}.s": s})
+        return t
+
+    def load_state(self, t: dict[str, torch.Tensor], n_layers: int, device: torch.device) -> None:
+        """Take back ``state_tensors``; the view goes to the backbone's ``device``."""
+        pre = "first_session."
+        self.head.load_state({k[len(pre):]: v for k, v in t.items() if k.startswith(pre) and ".view." not in k})
+        self.view = [tuple(t[f"{pre}view.{i}.{k}"].to(device) for k in "ABs") for i in range(n_layers)]
+
+    def stored_numbers(self) -> int:
+        """The head's statistics and the copy of task 0's adapter sum."""
+        return self.head.stored_numbers() + sum(v.numel() for A, B, s in self.view or [] for v in (A, B, s))
+
+
+def make_first_session(cfg, n_features: int, seed: int, device: torch.device) -> Optional[FirstSession]:
+    """The ``first_session_head`` the config names, or None."""
+    kind = getattr(cfg, "first_session_head", None)
+    return None if kind is None else FirstSession(kind, n_features, seed, device, cfg)
+
+
+def classify(learner, x: torch.Tensor) -> torch.Tensor:
+    """The statistics head's logits for images x, plus the first-session head's (``first_session_head``)."""
+    z = learner.classifier.logits(learner.net.backbone(x).float())
+    first = learner.first_session
+    return z if first is None else z + first.head.logits(first.features(learner, x)).to(z.device)
+
+
+def stored_numbers(learner) -> int:
+    """What the learner's statistics heads keep: the numbers metrics.json reports as head_stored_numbers."""
+    first = learner.first_session
+    return learner.classifier.stored_numbers() + (0 if first is None else first.stored_numbers())
+
+
 # ---- a learner's head: taking each task, saving, restoring ----------------------------------------------------
 #: The state of the head after task t; the latest two are kept (G alone is 800 MB at M = 10,000).
 STATE = "head_task_{}.safetensors"
@@ -425,14 +479,16 @@ KEEP = 2
 
 
 @torch.no_grad()
-def task_features(learner, dm, task: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Task ``task``'s training images (test transform, in order) through the learner's backbone as it is now."""
+def task_features(learner, dm, task: int, view=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task ``task``'s training images (test transform, in order) through the learner's backbone as it is now
+    (``view``: as a ``LoRAViT.snapshot`` gives it)."""
     learner.net.eval()
     loader = learner.loader(dm.train_set(task, learner.test_tf), train=False, task=task)
     feats, labels = [], []
+    backbone = learner.net.backbone
     for x, y in loader:
-        with learner._autocast():
-            feats.append(learner.net.backbone(x.to(learner.device, non_blocking=True)).float())
+        with learner._autocast(), (backbone.viewing(view) if view is not None else contextlib.nullcontext()):
+            feats.append(backbone(x.to(learner.device, non_blocking=True)).float())
         labels.append(y.to(learner.device))
     return torch.cat(feats), torch.cat(labels)
 
@@ -460,6 +516,11 @@ def take_task(learner, dm, task: int, before: Optional[torch.Tensor]) -> dict:
         head.set_start(w, b)
     lo, hi = dm.task_range(task)
     head.observe(task, f, y, range(lo, hi))
+    first = learner.first_session
+    if first is not None:
+        if task == 0:  # the backbone as task 0 left it, kept as a copy of its adapter sum
+            first.view = learner.net.backbone.snapshot()
+        first.head.observe(task, *task_features(learner, dm, task, first.view), range(lo, hi))
     entries = {"drift_compensation": dict(task=task, **record)} if record else {}
     if isinstance(head, RidgeHead):
         entries["ridge"] = head.ridges[-1]
@@ -473,7 +534,10 @@ def save_state(learner, task: int) -> None:
     from utils import dist
     from utils.io import save_tensors
     run_dir = learner.run_dir
-    save_tensors(run_dir / STATE.format(task), learner.classifier.state_tensors(),
+    tensors = learner.classifier.state_tensors()
+    if learner.first_session is not None:
+        tensors.update(learner.first_session.state_tensors())
+    save_tensors(run_dir / STATE.format(task), tensors,
                  metadata={"task": str(task), "head_keys": json.dumps(head_keys(learner.cfg))})
     if dist.is_main():
         for old in range(task - KEEP, -1, -1):
@@ -489,7 +553,10 @@ def restore_state(learner, dm, done: int) -> None:
     from utils.io import load_tensors
     path = learner.run_dir / STATE.format(done)
     if path.is_file() and _saved_keys(path) == head_keys(learner.cfg):
-        learner.classifier.load_state(load_tensors(path))
+        tensors = load_tensors(path)
+        learner.classifier.load_state(tensors)
+        if learner.first_session is not None:
+            learner.first_session.load_state(tensors, len(learner.net.backbone.layers), learner.device)
         return
     why = "is not in the run folder" if not path.is_file() else "was taken under other head keys (a fork)"
     logging.getLogger("cl").info(f"{path.name} {why}: the {learner.classifier.name} head is rebuilt from the task "
@@ -501,7 +568,10 @@ def head_keys(cfg) -> dict:
     """The keys that shape a head's statistics: a saved state is taken back only under the same ones."""
     keys = ("ranpac_dim", "drift_compensation", "sdc_sigma", "align_samples", "align_epochs", "align_lr",
             "align_temperature")
-    return dict({"head": cfg.head_kind}, **{k: getattr(cfg, k) for k in keys})
+    out = dict({"head": cfg.head_kind}, **{k: getattr(cfg, k) for k in keys})
+    if cfg.first_session_head is not None:  # only when set: head states saved before the key still match
+        out["first_session_head"] = cfg.first_session_head
+    return out
 
 
 def _saved_keys(path) -> Optional[dict]:
@@ -517,7 +587,7 @@ def rebuild(learner, dm, done: int) -> None:
     before = None
     for t in range(done + 1):
         at = cls(cfg, learner.device, learner.run_dir, learner.seed)
-        at.classifier = head
+        at.classifier, at.first_session = head, learner.first_session
         if t > 0 and cfg.drift_compensation != "none":
             prev = cls(cfg, learner.device, learner.run_dir, learner.seed)
             prev.restore_network(dm, t - 1)

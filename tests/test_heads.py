@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from models.heads import (AlignedHead, FeatureRidgeHead, NCMHead, RidgeHead, choose_ridge, class_covariances,
                           gaussian_samples, linear_drift_map, random_projection, sdc_shift)
-from tests.conftest import resumed_and_uninterrupted, run_config
+from tests.conftest import learner_for, resumed_and_uninterrupted, run_config
 
 
 class _Cfg:
@@ -142,7 +142,8 @@ def test_aligned_head_moves_towards_the_gaussians():
 # ---- runs -------------------------------------------------------------------------------------------------------
 HEADS = [dict(head="ncm"), dict(head="ncm", drift_compensation="sdc"), dict(head="ridge", ranpac_dim=48),
          dict(head="feature_ridge", drift_compensation="sdc"),
-         dict(head="aligned", drift_compensation="linear", align_epochs=2, align_samples=32)]
+         dict(head="aligned", drift_compensation="linear", align_epochs=2, align_samples=32),
+         dict(head="feature_ridge", drift_compensation="sdc", first_session_head="ridge", ranpac_dim=48)]
 
 
 def _ids(over):
@@ -155,7 +156,7 @@ def test_head_changes_no_training_and_its_state_is_a_replay(tiny, tmp_path, over
     saved head state equals one rebuilt from the checkpoints (what a fork at an earlier task does)."""
     import main as entry
     from models import get_learner
-    from models.heads import rebuild
+    from models.heads import rebuild, stored_numbers
     from utils.config import build_config
     from utils.data.datasets import load_dataset
     plain = run_config(dict(tiny, log_dir=str(tmp_path / "plain")), tmp_path)
@@ -168,10 +169,14 @@ def test_head_changes_no_training_and_its_state_is_a_replay(tiny, tmp_path, over
     fresh = get_learner(cfg.model_name)(cfg, torch.device("cpu"), run, cfg.seeds[0])
     rebuild(fresh, dm, 2)
     saved = load_file(str(run / "head_task_2.safetensors"))
-    for k, v in fresh.classifier.state_tensors().items():
+    state = fresh.classifier.state_tensors()
+    if fresh.first_session is not None:
+        state.update(fresh.first_session.state_tensors())
+    assert state.keys() == saved.keys()
+    for k, v in state.items():
         assert torch.equal(v, saved[k]), k
     m = json.loads((run / "metrics.json").read_text())
-    assert len(m["head_seconds"]) == 3 and m["head_stored_numbers"][-1] == fresh.classifier.stored_numbers()
+    assert len(m["head_seconds"]) == 3 and m["head_stored_numbers"][-1] == stored_numbers(fresh)
     assert not (run / "head_task_0.safetensors").exists()  # the latest two are kept
 
 
@@ -182,7 +187,7 @@ def test_resume_with_each_head_equals_uninterrupted(tiny, tmp_path, over):
         assert cut[k] == full[k], k
 
 
-@pytest.mark.parametrize("over", [HEADS[1], HEADS[3]], ids=_ids)
+@pytest.mark.parametrize("over", [HEADS[1], HEADS[3], HEADS[5]], ids=_ids)
 def test_fork_with_a_head_equals_uninterrupted(tiny, tmp_path, over):
     """A fork at task 1 (the head state of task 0 is no longer in the parent: rebuilt from the checkpoints)
     equals the uninterrupted run; a fork that changes the head is refused (the kept tasks were evaluated under
@@ -212,6 +217,9 @@ def test_linear_default_is_the_unset_head(tiny, tmp_path):
     (dict(head="ncm", sdc_sigma=0.5), "'sdc_sigma' only applies"),
     (dict(head="bogus"), "head"),
     (dict(model_name="lora_task_id", head="ncm"), "lora_task_id"),
+    (dict(head="ncm", first_session_head="ridge"), "'first_session_head' adds its logits to a ridge head's"),
+    (dict(model_name="inflora", head="ridge", first_session_head="ridge"), "inflora folds every task"),
+    (dict(head="feature_ridge", first_session_head="ncm"), "first_session_head"),
 ])
 def test_bad_head_keys_are_refused(tiny, bad, says):
     from utils.config import ConfigError, build_config
@@ -236,9 +244,79 @@ def test_the_replay_gives_each_run_its_own_numbers(tiny, tmp_path):
     plain = run_config(dict(tiny, log_dir=str(tmp_path / "plain")), tmp_path)
     with_head = run_config(dict(tiny, log_dir=str(tmp_path / "head"), head="feature_ridge",
                                 drift_compensation="sdc", sdc_sigma=0.5), tmp_path, "h.json")
+    with_first = run_config(dict(tiny, log_dir=str(tmp_path / "first"), head="feature_ridge",
+                                 drift_compensation="sdc", sdc_sigma=0.5, first_session_head="ridge", ranpac_dim=48),
+                            tmp_path, "f.json")
     F = cache_features(plain, tmp_path / "cache.safetensors")
-    want = [json.loads((d / "metrics.json").read_text()) for d in (plain, with_head)]
-    for got, m in zip((replay(F, "linear", seed=7), replay(F, "feature_ridge", "sdc", seed=7, cfg=_Cfg(sdc_sigma=0.5))),
-                      want):
+    want = [json.loads((d / "metrics.json").read_text()) for d in (plain, with_head, with_first)]
+    cfg = _Cfg(sdc_sigma=0.5, ranpac_dim=48)
+    for got, m in zip((replay(F, "linear", seed=7), replay(F, "feature_ridge", "sdc", seed=7, cfg=cfg),
+                       replay(F, "feature_ridge", "sdc", seed=7, cfg=cfg, first="ridge")), want):
         assert sum(got["accuracy_matrix"], []) == pytest.approx(sum(m["accuracy_matrix"], []), abs=1e-9)
         assert got["forgetting"] == pytest.approx(m["forgetting"], abs=1e-9)
+    assert got["head_stored_numbers"] == m["head_stored_numbers"][-1]  # the first-session row: its view counted
+
+
+# ---- the first-session head (first_session_head) -----------------------------------------------------------------
+def test_the_view_gives_back_the_backbone_task_0_left(tiny, tmp_path):
+    """LoRAViT.snapshot after task 0, then a later adapter and a moved magnitude: inside ``viewing`` the backbone
+    computes what it computed after task 0; outside it computes today's."""
+    learner, _ = learner_for(tiny, tmp_path)
+    bb = learner.net.backbone
+    x = torch.randn(3, 3, 32, 32)
+    bb.add_task(0, 4, 0.8)
+    for layer in bb.layers:
+        torch.nn.init.normal_(layer.lora_B["0"], std=0.1)
+    bb.freeze_current()
+    bb.eval()
+    then = bb(x)
+    view = bb.snapshot()
+    bb.train()
+    bb.add_task(1, 4, 0.8)
+    for layer in bb.layers:
+        torch.nn.init.normal_(layer.lora_B["1"], std=0.1)
+    with torch.no_grad():
+        bb.gate.alpha["0"].fill_(1.7)
+    bb.freeze_current()
+    bb.eval()
+    now = bb(x)
+    assert (now - then).abs().max() > 1e-2  # the adapters moved the features
+    with bb.viewing(view):
+        assert torch.allclose(bb(x), then, atol=1e-5)
+    assert torch.equal(bb(x), now)
+
+
+def test_first_session_statistics_are_the_task_0_networks(tiny, tmp_path):
+    """Every task's first-session means are its images' mean features through the network restored at task 0 (no
+    drift), and a test image's logits are the head's plus the first-session head's."""
+    import main as entry
+    from models import get_learner
+    from models.heads import FeatureRidgeHead, classify
+    from utils.config import build_config
+    from utils.data.datasets import load_dataset
+    run = run_config(dict(tiny, log_dir=str(tmp_path / "r"), head="feature_ridge", drift_compensation="sdc",
+                          first_session_head="feature_ridge"), tmp_path)
+    cfg = build_config(json.loads((run / "config.json").read_text()))
+    dm = entry.make_data_manager(cfg, load_dataset(cfg), 7)
+    at0 = get_learner("sdlora")(cfg, torch.device("cpu"), run, 7)
+    at0.restore_network(dm, 0)
+    at0.net.eval()
+    brute = FeatureRidgeHead(at0.net.backbone.num_features, 7, torch.device("cpu"))
+    for t in range(3):
+        ds = dm.train_set(t, at0.test_tf)
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        with torch.no_grad():
+            brute.observe(t, at0.net.backbone(x).float(), torch.as_tensor(ds.labels), range(*dm.task_range(t)))
+    saved = load_file(str(run / "head_task_2.safetensors"))
+    # float32 through two paths (low-rank view, merged weights): equal to 1e-3; a task's drift moves them by > 1e-2
+    assert torch.allclose(saved["first_session.means"], brute.means, atol=1e-3)
+    assert (saved["means"][:2] - brute.means[:2]).abs().max() > 1e-2
+    last = get_learner("sdlora")(cfg, torch.device("cpu"), run, 7)
+    last.restore(dm, 2)
+    last.net.eval()
+    test = dm.test_set(2, last.test_tf)
+    x = torch.stack([test[i][0] for i in range(8)])
+    with torch.no_grad():
+        want = (last.classifier.logits(last.net.backbone(x).float())
+                + last.first_session.head.logits(at0.net.backbone(x).float()))
+        assert torch.allclose(classify(last, x), want, atol=1e-3)

@@ -25,7 +25,7 @@ MUST_MATCH = ("model_name", "dataset", "data_path", "expected_classes", "synthet
               "direction_norm", "intrinsic_dim", "allocation_mode", "allocation_ratio", "subspace_norm",
               # the first tasks were evaluated under the head (models/heads.py): the metrics kept are its
               "head", "ranpac_dim", "drift_compensation", "sdc_sigma", "align_samples", "align_epochs", "align_lr",
-              "align_temperature")
+              "align_temperature", "first_session_head")
 
 def tasks_done(run_dir: Path) -> int:
     """How many tasks a run folder has completed (metrics.json lists them); RunFolderError if it is damaged."""

@@ -25,7 +25,8 @@ def _head_checks(cfg: Config, raw: dict) -> list[str]:
            "align_samples": ("aligned",), "align_epochs": ("aligned",), "align_lr": ("aligned",),
            "align_temperature": ("aligned",)}
     for key, heads in own.items():
-        if head not in heads and raw.get(key, getattr(d, key)) != getattr(d, key):
+        used = {head, cfg.first_session_head} if key == "ranpac_dim" else {head}  # a first-session ridge's M too
+        if not used & set(heads) and raw.get(key, getattr(d, key)) != getattr(d, key):
             errs.append(f"config key '{key}' only applies with \"head\": " + " or ".join(f'"{h}"' for h in heads)
                         + f" (the head here is \"{head}\"); remove it or set head")
     if cfg.drift_compensation != "sdc" and raw.get("sdc_sigma", d.sdc_sigma) != d.sdc_sigma:
@@ -33,6 +34,12 @@ def _head_checks(cfg: Config, raw: dict) -> list[str]:
     if cfg.model_name == "lora_task_id" and head != "linear":
         errs.append("model_name 'lora_task_id' classifies each image among its own task's classes with its own head "
                     "rows; remove 'head' (or set it to \"linear\")")
+    if cfg.first_session_head is not None and head not in ("ridge", "feature_ridge"):
+        errs.append(f"config key 'first_session_head' adds its logits to a ridge head's; set \"head\" to \"ridge\" or "
+                    f"\"feature_ridge\" (it is \"{head}\"), or remove first_session_head")
+    if cfg.first_session_head is not None and cfg.model_name == "inflora":
+        errs.append("config key 'first_session_head' reads the backbone as task 0 left it, but inflora folds every "
+                    "task's adapter into the frozen weights; remove first_session_head")
     if cfg.model_name in METHOD_HEADS and head == "linear":
         errs.append(f"model_name '{cfg.model_name}' trains no classifier; set \"head\" to \"ncm\", \"ridge\" or "
                     "\"aligned\", or null for its own")

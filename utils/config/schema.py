@@ -288,6 +288,11 @@ class Config:
                            check=_positive)
     align_temperature: float = _key(0.1, "head \"aligned\": SLCA's logit normalisation temperature (0: off)",
                                     check=_non_negative)
+    first_session_head: Optional[Literal["ridge", "feature_ridge"]] = _key(
+        None, "a second statistics head over the features of the backbone as task 0 left it (a copy of its adapter "
+        "sum: one adapter's numbers), whose old classes' statistics never drift; its logits add to those of "
+        "\"head\" (which must be \"ridge\" or \"feature_ridge\": both regress one-hot targets, so one scale); "
+        "evaluation runs the backbone twice; null: none")
 
     # --- SD-LoRA-KD (SPEC section 4) -------------------------------------------------------
     kd_threshold: float = _key(0.5, "drop the new adapter when its direction's least-squares fit onto the "
