@@ -74,10 +74,51 @@ def cache_features(run_dir: Path, cache: Path) -> dict[str, torch.Tensor]:
         if t == done - 1:
             final = dm._subset(dm._train, 0, dm.classes_upto(t), learner.test_tf)
             out["final"], out["y_final"] = _features(learner, final), torch.as_tensor(final.labels)
+        if t == 0:  # the backbone as task 0 left it (first_session_head): its view of every image, kept apart
+            first = _first_session_features(learner, dm, done - 1)
         print(f"features after task {t}: {time.perf_counter() - t0:.1f} s", flush=True)
     out["sizes"] = torch.tensor(dm.sizes[:done])
+    out.update(first)
     save_file({k: v.contiguous() for k, v in out.items()}, str(cache))
     return out
+
+
+def _first_session_features(learner, dm, last: int) -> dict[str, torch.Tensor]:
+    """Every training image and the last task's test images through the backbone as task 0 left it, as a run with
+    ``first_session_head`` sees them (its adapter sum copied, ``LoRAViT.snapshot``): ``first.train``/``first.test``
+    and their labels, in the data's order (each task's selection of them is in that order too)."""
+    view = learner.net.backbone.snapshot()
+    train = dm._subset(dm._train, 0, dm.classes_upto(last), learner.test_tf)
+    test = dm.test_set(last, learner.test_tf)
+    with learner.net.backbone.viewing(view):
+        return {"first.train": _features(learner, train), "first.y_train": torch.as_tensor(train.labels),
+                "first.test": _features(learner, test), "first.y_test": torch.as_tensor(test.labels),
+                "first.view_numbers": torch.tensor(sum(v.numel() for triple in view for v in triple))}
+
+
+def add_first_session(run_dir: Path, cache: Path, F: dict) -> dict:
+    """A cache made before the first-session view was replayed: its ``first.*`` entries added (one pass over the
+    images through the task-0 backbone)."""
+    if "first.train" in F:
+        return F
+    raw = read_config(run_dir, "RUN_DIR")
+    cfg = build_config(dict(raw, log_dir=str(run_dir.parent)))
+    dm = DataManager.for_config(cfg, load_dataset(cfg), cfg.seeds[0])
+    learner = get_learner(cfg.model_name)(cfg, torch.device("cpu"), run_dir, cfg.seeds[0])
+    learner.restore_network(dm, 0)
+    F = dict(F, **_first_session_features(learner, dm, len(F["sizes"]) - 1))
+    save_file({k: v.contiguous() for k, v in F.items()}, str(cache))
+    return F
+
+
+def _first_view(F: dict, key: str) -> torch.Tensor:
+    """F[key]'s images (train.t or test.t) as the first-session view gives them."""
+    part = key.split(".")[0]
+    y = F[f"y_{key}"]
+    sel = torch.isin(F[f"first.y_{part}"], y.unique())
+    if not torch.equal(F[f"first.y_{part}"][sel], y):
+        raise ValueError(f"the first-session features do not line up with {key}: the cache is not of one run")
+    return F[f"first.{part}"][sel]
 
 
 class _Cfg:
@@ -90,9 +131,10 @@ class _Cfg:
 
 
 def replay(F: dict, head: str, compensation: str = "none", oracle: bool = False, seed: int = 1993,
-           cfg: _Cfg | None = None) -> dict:
+           cfg: _Cfg | None = None, first: str | None = None) -> dict:
     """A_t, A_last, A_avg of ``head`` fed as a run feeds it, and the final drift of its stored means; with
-    ``oracle``, A_last of the head fitted on every training image through the final backbone."""
+    ``oracle``, A_last of the head fitted on every training image through the final backbone; with ``first``, the
+    ``first_session_head`` of that kind beside it (its logits added, as a run adds them)."""
     cfg = cfg or _Cfg()
     sizes = [int(s) for s in F["sizes"]]
     bounds = np.cumsum([0] + sizes)
@@ -111,6 +153,7 @@ def replay(F: dict, head: str, compensation: str = "none", oracle: bool = False,
         return {"A_last": acc}
     A, matrix = [], []
     h = HEADS[head](d, seed, torch.device("cpu"), cfg) if head != "linear" else None
+    h0 = HEADS[first](d, seed, torch.device("cpu"), cfg) if first else None
     for t, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
         lo, hi = int(lo), int(hi)
         f, y = F[f"train.{t}"], F[f"y_train.{t}"]
@@ -127,6 +170,9 @@ def replay(F: dict, head: str, compensation: str = "none", oracle: bool = False,
                 h.set_start(torch.cat([h.weight, w[h.n_classes:]]), torch.cat([h.bias, b[h.n_classes:]]))
             h.observe(t, f[sel], y[sel], range(lo, hi))
             logits = h.logits(F[f"test.{t}"])
+            if h0 is not None:
+                h0.observe(t, _first_view(F, f"train.{t}")[sel], y[sel], range(lo, hi))
+                logits = logits + h0.logits(_first_view(F, f"test.{t}"))
         yt = F[f"y_test.{t}"]
         hit = (logits.argmax(1) == yt).double()
         A.append(100.0 * float(hit.mean()))
@@ -136,7 +182,8 @@ def replay(F: dict, head: str, compensation: str = "none", oracle: bool = False,
         true = torch.stack([F["final"][F["y_final"] == c].double().mean(0) for c in range(h.n_classes)])
         rel = ((h.means - true).norm(dim=1) / true.norm(dim=1)).numpy()
         out["drift"] = {f"task {s}": float(rel[bounds[s]:bounds[s + 1]].mean()) for s in range(len(sizes))}
-        out["head_stored_numbers"] = h.stored_numbers()
+        out["head_stored_numbers"] = h.stored_numbers() + (
+            h0.stored_numbers() + int(F.get("first.view_numbers", 0)) if h0 is not None else 0)
     return out
 
 
@@ -147,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="*", default=["linear", "ncm", "ncm+sdc", "feature_ridge",
                                                        "feature_ridge+sdc", "ridge", "aligned", "aligned+sdc",
                                                        "oracle:ncm", "oracle:feature_ridge", "oracle:ridge"],
-                    help="HEAD[+COMPENSATION] or oracle:HEAD")
+                    help="HEAD[+COMPENSATION][@FIRST] (FIRST: a first_session_head beside it) or oracle:HEAD")
     ap.add_argument("--ranpac_dim", type=int, help="M of the ridge head (default: the schema's)")
     ap.add_argument("--sdc_sigma", type=float)
     ap.add_argument("--json", type=Path)
@@ -160,9 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     for v in args.variants:
         t0 = time.perf_counter()
         oracle = v.startswith("oracle:")
-        name = v.split(":")[-1]
+        name, _, first = v.split(":")[-1].partition("@")
         head, _, comp = name.partition("+")
-        r = replay(F, head, comp or "none", oracle, seed, cfg)
+        if first:
+            F = add_first_session(args.run_dir, args.cache or args.run_dir / "head_features.safetensors", F)
+        r = replay(F, head, comp or "none", oracle, seed, cfg, first or None)
         rows[v] = r
         d = r.get("drift", {}).get("task 0")
         print(f"{v} | {r['A_last']:.2f} | {r.get('A_avg', float('nan')):.2f} | "

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="exps/sdlora_c100.json")
     ap.add_argument("--protocol", default="exps/protocols/quick.json")
     ap.add_argument("--classes", type=int, default=100)
-    ap.add_argument("--heads", nargs="*", default=["ncm", "feature_ridge", "aligned", "ridge"])
+    ap.add_argument("--heads", nargs="*", default=["ncm", "feature_ridge", "aligned", "ridge", "feature_ridge@ridge"],
+                    help="HEAD or HEAD@FIRST (FIRST: a first_session_head beside it)")
     ap.add_argument("--out", type=Path, default=Path("logs/heads_cost"), help="scratch run folder")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, {"protocol": args.protocol, "max_tasks": 1})
@@ -52,23 +53,37 @@ def main(argv: list[str] | None = None) -> int:
     n0 = dm.sizes[0]
     print(f"{cfg.backbone_type}, {cfg.img_size} px, task 0: {len(dm.train_set(0, learner.test_tf))} images, "
           f"{cfg.epochs} epochs: {train_s:.1f} s of training")
-    print("head | seconds | / training | stored numbers after task 0 | at N classes | MB at N classes")
-    for kind in args.heads:
+    test = learner.loader(dm.test_set(0, learner.test_tf), train=False, task=0)
+    print("head | seconds | / training | stored numbers after task 0 | at N classes | MB at N classes | "
+          "eval ms per test image")
+    for spec in args.heads:
+        kind, _, first = spec.partition("@")
         comp = "sdc" if kind in ("ncm", "feature_ridge", "aligned") else "none"
-        learner.classifier = heads.make_head(kind, learner.net.backbone.num_features, seed, torch.device("cpu"), cfg)
+        d = learner.net.backbone.num_features
+        learner.classifier = heads.make_head(kind, d, seed, torch.device("cpu"), cfg)
+        learner.first_session = heads.FirstSession(first, d, seed, torch.device("cpu"), cfg) if first else None
         t = time.perf_counter()
         before = heads.task_features(learner, dm, 0)[0] if comp != "none" else None  # compensation's extra pass
         heads.take_task(learner, dm, 0, None)
         s = time.perf_counter() - t
+        t = time.perf_counter()
+        with torch.no_grad():
+            n_test = sum(len(heads.classify(learner, x)) for x, _ in test)
+        eval_ms = 1000 * (time.perf_counter() - t) / n_test
         state = learner.classifier.state_tensors()
-        per_class = {k: v for k, v in state.items() if v.dim() and v.shape[0] == n0}
+        if learner.first_session is not None:
+            state.update(learner.first_session.state_tensors())
+        # one row (or, for the ridge's Q, one column) per class: these grow with the classes
+        per_class = {k: v for k, v in state.items() if ".view." not in k and v.dim()
+                     and (v.shape[0] == n0 or (k.split(".")[-1] == "Q" and v.shape[1] == n0))}
         fixed = {k: v for k, v in state.items() if k not in per_class}
         scale = args.classes / n0
         numbers = sum(v.numel() for v in fixed.values()) + int(sum(v.numel() for v in per_class.values()) * scale)
         mb = (_bytes(fixed) + _bytes(per_class) * scale) / 2**20
         del before
-        print(f"{kind}{' + ' + comp if comp != 'none' else ''} | {s:.2f} | {s / train_s:.3f} | "
-              f"{learner.classifier.stored_numbers():,} | {numbers:,} | {mb:,.1f}", flush=True)
+        name = kind + (f" + {comp}" if comp != "none" else "") + (f" + first-session {first}" if first else "")
+        print(f"{name} | {s:.2f} | {s / train_s:.3f} | {heads.stored_numbers(learner):,} | {numbers:,} | {mb:,.1f} | "
+              f"{eval_ms:.2f}", flush=True)
     return 0
 
 
