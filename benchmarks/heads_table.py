@@ -6,7 +6,8 @@
 benchmarks/heads.py --json files and one of their variants (the costs and adapters from the replayed run's
 metrics.json; the stored numbers are the run's adapters plus the head's statistics; the seconds are the run's
 training alone, without the head's). Each row: A_last and A_avg as mean ± std over the seeds found, forgetting,
-adapters, stored numbers, train seconds (10 tasks; with the head's own where it ran in the run), seeds.
+adapters, stored numbers, train seconds (10 tasks; with the head's own where it ran in the run), seeds. A run that
+has not finished every task it planned is left out (named on stderr).
 """
 from __future__ import annotations
 
@@ -30,10 +31,22 @@ def _from_run(run: Path, values: dict | None = None) -> dict:
             "train_s": sum(m["train_seconds"]) + sum(m.get("head_seconds", []))}
 
 
+def _finished(run: Path) -> bool:
+    """The run trained every task it planned (utils/report.py counts them); one still running or stopped is left out,
+    on stderr, so a table never averages a part of a run."""
+    from utils.report import Run
+    m, c = (json.loads((run / f).read_text()) for f in ("metrics.json", "config.json"))
+    done = Run(run, c, m).finished
+    if not done:
+        print(f"left out, not finished ({len(m['A'])} tasks done): {run}", file=sys.stderr)
+    return done
+
+
 def gather(spec: str) -> list[dict]:
     kind, _, rest = spec.partition(":")
     if kind == "runs":
-        return [_from_run(Path(p)) for p in sorted(glob.glob(rest)) if (Path(p) / "metrics.json").is_file()]
+        return [_from_run(Path(p)) for p in sorted(glob.glob(rest))
+                if (Path(p) / "metrics.json").is_file() and _finished(Path(p))]
     pattern, _, variant = rest.rpartition(":")
     out = []
     for f in sorted(glob.glob(pattern)):

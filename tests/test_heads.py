@@ -320,3 +320,20 @@ def test_first_session_statistics_are_the_task_0_networks(tiny, tmp_path):
         want = (last.classifier.logits(last.net.backbone(x).float())
                 + last.first_session.head.logits(at0.net.backbone(x).float()))
         assert torch.allclose(classify(last, x), want, atol=1e-3)
+
+
+def test_heads_table_leaves_out_a_run_that_has_not_finished(tmp_path, capsys):
+    """benchmarks/heads_table.py averages finished runs only: a run still at task 5 of 10 is named, not counted."""
+    from benchmarks.heads_table import main
+    for seed, (done, a_last) in {1: (10, 60.0), 2: (5, 20.0)}.items():
+        run = tmp_path / f"run_{seed}"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"seed": seed, "dataset": "cifar100", "init_cls": 10,
+                                                     "increment": 10}))
+        (run / "metrics.json").write_text(json.dumps({
+            "A": [50.0] * done, "A_last": a_last, "A_avg": 55.0, "forgetting": 1.0, "tasks_planned": 10,
+            "adapter_params": [100] * done, "active_adapters": [3] * done, "train_seconds": [1.0] * done}))
+    assert main(["--row", f"r=runs:{tmp_path}/run_*"]) == 0
+    out, err = capsys.readouterr()
+    assert "| r | 60.00 | 55.00 |" in out and "| 1 |" in out
+    assert "run_2" in err and "run_2" not in out
