@@ -265,16 +265,21 @@ class LoRAViT(nn.Module):
             for layer, factors in zip(self.layers, self.subspace.factors()):
                 layer.current_override = factors
 
-    def merge(self) -> None:
-        """Fold the adapters into per-block qkv weights for inference (deterministic gate)."""
+    @torch.no_grad()
+    def _eval_rows(self) -> list[Optional[torch.Tensor]]:
+        """Each block's coefficient row as evaluation uses it (deterministic gate; None: no adapter takes part)."""
         was = self.gate.training
         self.gate.eval()
-        with torch.no_grad():
-            w, _ = self.gate.coefficients()
-            self._push_subspace()
-            for i, layer in enumerate(self.layers):
-                layer.merge(w[i if w.shape[0] > 1 else 0] if w is not None else None)
+        w, _ = self.gate.coefficients()
+        self._push_subspace()
         self.gate.train(was)
+        return [w[i if w.shape[0] > 1 else 0] if w is not None else None for i in range(len(self.layers))]
+
+    def merge(self) -> None:
+        """Fold the adapters into per-block qkv weights for inference (deterministic gate)."""
+        with torch.no_grad():
+            for layer, row in zip(self.layers, self._eval_rows()):
+                layer.merge(row)
         self._merged = True
 
     def unmerge(self) -> None:
@@ -303,15 +308,7 @@ class LoRAViT(nn.Module):
     def snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The adapters as the network evaluates them now, one low-rank triple per block, copied: ``viewing`` gives
         this backbone back later, whatever the adapters and magnitudes become (the first-session features)."""
-        was = self.gate.training
-        self.gate.eval()
-        with torch.no_grad():
-            w, _ = self.gate.coefficients()
-            self._push_subspace()
-            out = [layer.snapshot(w[i if w.shape[0] > 1 else 0] if w is not None else None)
-                   for i, layer in enumerate(self.layers)]
-        self.gate.train(was)
-        return out
+        return [layer.snapshot(row) for layer, row in zip(self.layers, self._eval_rows())]
 
     @contextmanager
     def viewing(self, snapshot: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Iterator[None]:

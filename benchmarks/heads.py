@@ -46,16 +46,20 @@ def _features(learner, ds) -> torch.Tensor:
                       for x, _ in learner.loader(ds, train=False, task=0)])
 
 
+def _run_data(run_dir: Path):
+    """The finished run's config (as it ran) and its data, split as it was."""
+    cfg = build_config(dict(read_config(run_dir, "RUN_DIR"), log_dir=str(run_dir.parent)))
+    return cfg, DataManager.for_config(cfg, load_dataset(cfg), cfg.seeds[0])
+
+
 def cache_features(run_dir: Path, cache: Path) -> dict[str, torch.Tensor]:
     """Through the backbone after each task t: the training images of tasks t and t+1 (``train.t``, labels
     ``y_train.t``) and the test images of the classes seen (``test.t``, ``y_test.t``); through the final one, every
     training image (``final``, ``y_final``); the linear head each task left. Read from ``cache`` when there."""
     if cache.is_file():
         return load_file(str(cache))
-    raw = read_config(run_dir, "RUN_DIR")
-    cfg = build_config(dict(raw, log_dir=str(run_dir.parent)))
+    cfg, dm = _run_data(run_dir)
     seed = cfg.seeds[0]
-    dm = DataManager.for_config(cfg, load_dataset(cfg), seed)
     done = len(json.loads((run_dir / "metrics.json").read_text())["A"])
     cls = get_learner(cfg.model_name)
     out = {}
@@ -101,9 +105,7 @@ def add_first_session(run_dir: Path, cache: Path, F: dict) -> dict:
     images through the task-0 backbone)."""
     if "first.train" in F:
         return F
-    raw = read_config(run_dir, "RUN_DIR")
-    cfg = build_config(dict(raw, log_dir=str(run_dir.parent)))
-    dm = DataManager.for_config(cfg, load_dataset(cfg), cfg.seeds[0])
+    cfg, dm = _run_data(run_dir)
     learner = get_learner(cfg.model_name)(cfg, torch.device("cpu"), run_dir, cfg.seeds[0])
     learner.restore_network(dm, 0)
     F = dict(F, **_first_session_features(learner, dm, len(F["sizes"]) - 1))
