@@ -84,10 +84,26 @@ def choose_ridge(h: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[floa
     return float(RIDGES[int(np.argmin(losses))]), losses
 
 
+#: The smallest ridge ``solve`` uses, as a fraction of trace(G): below it float64 rounding swamps the solve.
+SOLVE_RTOL = 1e-12
+
+
+def stable_ridge(G: torch.Tensor, ridge: float) -> float:
+    """``ridge``, raised to SOLVE_RTOL * trace(G) where it is smaller. G of fewer images than its size M is singular,
+    and (G + ridge I)^-1 Q at ridge = 1e-8 against eigenvalues near 1e10 is rounding noise (2.6 % instead of 44.6 %
+    on a 50-task stream), where the exact answer is the minimum-norm fit the ridge search scored in dual form;
+    above the floor the solve equals that dual fit (to 1e-5 relative) and the accuracy does not move."""
+    return max(float(ridge), SOLVE_RTOL * float(G.diagonal().sum()))
+
+
 def solve(G: torch.Tensor, Q: torch.Tensor, ridge: float) -> torch.Tensor:
-    """W_o^T = ((G + ridge I)^-1 Q)^T, (classes, M)."""
-    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    return torch.linalg.solve(G + ridge * eye, Q).t()
+    """W_o^T = ((G + ridge I)^-1 Q)^T, (classes, M), with the ridge raised to ``stable_ridge`` where it is smaller.
+    By Cholesky (G + ridge I is symmetric positive definite; at M = 10,000 on one CPU thread 10 s against
+    18 s for LU), by LU only where rounding leaves it not positive definite (the same solution)."""
+    A = G.clone()
+    A.diagonal().add_(stable_ridge(G, ridge))  # no M x M identity: at M = 10,000 it would be 800 MB more
+    L, info = torch.linalg.cholesky_ex(A)
+    return (torch.cholesky_solve(Q, L) if int(info) == 0 else torch.linalg.solve(A, Q)).t()
 
 
 def gaussian_samples(means: torch.Tensor, covs: torch.Tensor, n: int, generator: torch.Generator,
@@ -524,9 +540,18 @@ def take_task(learner, dm, task: int, before: Optional[torch.Tensor]) -> dict:
     entries = {"drift_compensation": dict(task=task, **record)} if record else {}
     if isinstance(head, RidgeHead):
         entries["ridge"] = head.ridges[-1]
-        logging.getLogger("cl").info(f"ridge head, task {task}: ridge {head.ridges[-1]:g} (validation on 20 % of "
-                                     "the task's images)")
+        _log_ridge("ridge head", task, head)
+    if first is not None and isinstance(first.head, RidgeHead):
+        _log_ridge("first-session ridge head", task, first.head)
     return entries
+
+
+def _log_ridge(name: str, task: int, head: RidgeHead) -> None:
+    """The ridge the search chose, and the one the solve used where ``stable_ridge`` raised it."""
+    chosen, used = head.ridges[-1], stable_ridge(head.G, head.ridges[-1])
+    raised = f", solved with {used:.3g} (stable_ridge: G has fewer images than rows)" if used > chosen else ""
+    logging.getLogger("cl").info(f"{name}, task {task}: ridge {chosen:g} (validation on 20 % of the task's "
+                                 f"images){raised}")
 
 
 def save_state(learner, task: int) -> None:

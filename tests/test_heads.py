@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.heads import (AlignedHead, FeatureRidgeHead, NCMHead, RidgeHead, choose_ridge, class_covariances,
-                          gaussian_samples, linear_drift_map, random_projection, sdc_shift)
+                          gaussian_samples, linear_drift_map, random_projection, sdc_shift, solve, stable_ridge)
 from tests.conftest import learner_for, resumed_and_uninterrupted, run_config
 
 
@@ -61,6 +61,19 @@ def test_ridge_is_the_closed_form_over_every_image():
     order = torch.randperm(40, generator=torch.Generator().manual_seed(3 + 7919 * 2))
     f2, y2, _ = data[2]
     assert lam == choose_ridge(torch.relu(f2[order] @ random_projection(8, 32, 3)), y2[order] - 4, 2)[0]
+
+
+def test_solve_of_a_singular_G_at_a_tiny_ridge_is_the_minimum_norm_fit():
+    """G of fewer images than rows with large eigenvalues (as relu(f W_rand) gives): at ridge 1e-8 a plain solve is
+    rounding noise; ``solve`` raises the ridge to ``stable_ridge`` and equals the dual fit H^T (H H^T + l I)^-1 Y."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 200, generator=g, dtype=torch.float64)
+    H, x = (torch.relu(torch.randn(n, 16, generator=g, dtype=torch.float64) @ W) * 300 for n in (30, 50))
+    Y = torch.nn.functional.one_hot(torch.arange(30) % 3, 3).double()
+    G, Q = H.t() @ H, H.t() @ Y
+    assert stable_ridge(G, 1e-8) == pytest.approx(1e-12 * float(G.trace())) and stable_ridge(G, 1e6) == 1e6
+    dual = H.t() @ torch.linalg.solve(H @ H.t() + 1e-8 * torch.eye(30, dtype=torch.float64), Y)
+    assert torch.allclose(x @ solve(G, Q, 1e-8).t(), x @ dual, rtol=1e-4, atol=1e-4 * float((x @ dual).abs().max()))
 
 
 def test_feature_ridge_from_statistics_is_the_ridge_over_every_image():
