@@ -114,3 +114,39 @@ def test_a_benchmark_given_bad_input_says_so_in_one_line(script, args, monkeypat
     assert run(module.main) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and ("no" in err[0] or "unknown" in err[0])
+
+
+def test_ridge_rules_task_rule_replays_the_ridge_head_and_the_cli_prints_every_rule(tmp_path, capsys):
+    """The dual-form replay of RanPAC's own rule gives the ridge head's accuracy after every task (here with fewer
+    images than M, so the head's solve runs on a singular G)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from benchmarks import ridge_rules
+    from models.heads import RidgeHead
+
+    class Cfg:
+        ranpac_dim = 96
+
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(8, 12, generator=g)
+    y_tr, y_te = torch.arange(8).repeat_interleave(10), torch.arange(8).repeat_interleave(5)
+    F = {"first.train": torch.randn(80, 12, generator=g) + centres[y_tr], "first.y_train": y_tr,
+         "first.test": torch.randn(40, 12, generator=g) + centres[y_te], "first.y_test": y_te,
+         "sizes": torch.tensor([2, 2, 2, 2])}
+    head, expected = RidgeHead(12, 7, torch.device("cpu"), Cfg), []
+    for t in range(4):
+        sel = (y_tr >= 2 * t) & (y_tr < 2 * t + 2)
+        head.observe(t, F["first.train"][sel], y_tr[sel], range(2 * t, 2 * t + 2))
+        seen = y_te < 2 * t + 2
+        expected.append(float((head.logits(F["first.test"][seen]).argmax(1) == y_te[seen]).double().mean() * 100))
+    acc = ridge_rules.replay(F, "first", [2, 2, 2, 2], 7, 96, ["task", "seen", "fixed:1e3"])
+    assert acc["task"] == pytest.approx(expected)
+    save_file(F, str(tmp_path / "head_features.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"seed": 7}))
+    ridge_rules.main([str(tmp_path), "--ranpac_dim", "96", "--rules", "task", "max_first", "fixed:10"])
+    out = capsys.readouterr().out
+    assert all(f"\n{r} | " in out for r in ("task", "max_first", "fixed:10"))
+    with pytest.raises(SystemExit, match="unknown rule"):
+        ridge_rules.main([str(tmp_path), "--rules", "oracle"])
