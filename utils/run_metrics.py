@@ -15,6 +15,9 @@ from utils.metrics import summarize
 
 log = logging.getLogger("cl")
 
+#: Up to this many tasks train.log shows the whole accuracy matrix after each; past it, the newest row (and the whole
+#: matrix after the run's last task).
+WHOLE_MATRIX_TASKS = 10
 ACCURACY_KEYS = ("accuracy_matrix", "A", "old_accuracy", "new_accuracy", "top5", "A_last", "A_avg", "forgetting")
 PER_TASK = ("accuracy_matrix", "A", "old_accuracy", "new_accuracy", "top5", "active_adapters", "adapter_params",
             "train_seconds", "train_steps", "eval_seconds", "peak_memory_mb")
@@ -94,8 +97,13 @@ class RunMetrics:
         log.info(f"{tag} top1 curve: {[round(a, 2) for a in m['A']]}")
         log.info(f"{tag} top5 curve: {[round(a, 2) for a in m['top5']]}")
         log.info(f"Average Accuracy ({tag}): {m['A_avg']:.2f}")
-        log.info("Accuracy matrix (row t: accuracy on tasks 0..t after task t):\n" + "\n".join(
-            " ".join(f"{a:6.2f}" for a in row) for row in m["accuracy_matrix"]))
+        rows = m["accuracy_matrix"]
+        if len(rows) <= WHOLE_MATRIX_TASKS or len(rows) == self.tasks_planned:
+            log.info("Accuracy matrix (row t: accuracy on tasks 0..t after task t):\n" + "\n".join(
+                " ".join(f"{a:6.2f}" for a in row) for row in rows))
+        else:  # the whole matrix again after every task would make the log grow as the cube of the task count
+            log.info(f"Accuracy matrix, row {task} (accuracy on tasks 0..{task}; the whole matrix is in metrics.json "
+                     f"and in this log after the last task):\n" + " ".join(f"{a:6.2f}" for a in rows[-1]))
         log.info(f"Forgetting ({tag}): {m['forgetting']:.2f}")
         if active is not None:
             log.info(f"Active adapters: {len(active)}/{task + 1}, stored adapter parameters: "
