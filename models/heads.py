@@ -100,10 +100,15 @@ def solve(G: torch.Tensor, Q: torch.Tensor, ridge: float) -> torch.Tensor:
     """W_o^T = ((G + ridge I)^-1 Q)^T, (classes, M), with the ridge raised to ``stable_ridge`` where it is smaller.
     By Cholesky (G + ridge I is symmetric positive definite; at M = 10,000 on one CPU thread 10 s against
     18 s for LU), by LU only where rounding leaves it not positive definite (the same solution)."""
-    A = G.clone()
-    A.diagonal().add_(stable_ridge(G, ridge))  # no M x M identity: at M = 10,000 it would be 800 MB more
-    L, info = torch.linalg.cholesky_ex(A)
-    return (torch.cholesky_solve(Q, L) if int(info) == 0 else torch.linalg.solve(A, Q)).t()
+    def shifted() -> torch.Tensor:  # G + ridge I without an M x M identity (800 MB more at M = 10,000)
+        A = G.clone()
+        A.diagonal().add_(stable_ridge(G, ridge))
+        return A
+
+    L = shifted().mT  # factorised in place (symmetric, so its column-major view is itself): one copy of G, not two
+    info = torch.zeros((), dtype=torch.int32, device=G.device)
+    torch.linalg.cholesky_ex(L, out=(L, info))
+    return (torch.cholesky_solve(Q, L) if int(info) == 0 else torch.linalg.solve(shifted(), Q)).t()
 
 
 def gaussian_samples(means: torch.Tensor, covs: torch.Tensor, n: int, generator: torch.Generator,

@@ -76,6 +76,18 @@ def test_solve_of_a_singular_G_at_a_tiny_ridge_is_the_minimum_norm_fit():
     assert torch.allclose(x @ solve(G, Q, 1e-8).t(), x @ dual, rtol=1e-4, atol=1e-4 * float((x @ dual).abs().max()))
 
 
+def test_solve_is_cholesky_and_lu_where_rounding_breaks_positive_definiteness():
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    G, Q = X.t() @ X, torch.randn(12, 3, generator=g, dtype=torch.float64)
+    A = G + 0.5 * torch.eye(12, dtype=torch.float64)
+    assert torch.allclose(solve(G, Q, 0.5), torch.linalg.solve(A, Q).t(), atol=1e-10)
+    assert torch.equal(G, X.t() @ X)  # G itself is left as it was
+    bad = torch.diag(torch.tensor([1.0, -5.0, 3.0], dtype=torch.float64))  # not positive definite: LU's answer
+    ones = torch.ones(3, 2, dtype=torch.float64)
+    assert torch.allclose(solve(bad, ones, 1.0), torch.linalg.solve(bad + torch.eye(3, dtype=torch.float64), ones).t())
+
+
 def test_feature_ridge_from_statistics_is_the_ridge_over_every_image():
     """G = S + sum n_c mu_c mu_c^T is H^T H exactly; compensation shifts the means and keeps S."""
     h = FeatureRidgeHead(8, 3, torch.device("cpu"))
