@@ -186,3 +186,17 @@ def test_a_damaged_beta_record_is_named(runs, tmp_path):
     (half / "beta_values_task_0.pt").write_bytes(b"PK\x03\x04 cut")
     with pytest.raises(ReportError, match=r"g: beta_values_task_0.pt cannot be read"):
         load_run(half)
+
+
+def test_task_axes_keep_a_tick_per_task_to_20_then_every_fifth():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from utils.report import _task_ticks
+
+    fig, ax = plt.subplots()
+    for T, ticks in ((10, list(range(10))), (20, list(range(20))), (50, list(range(0, 50, 5)))):
+        _task_ticks(ax, T)
+        assert list(ax.get_xticks()) == ticks
+    plt.close(fig)
