@@ -113,6 +113,20 @@ def test_labels_list_the_differing_keys_in_config_order_not_alphabetically():
     assert b.label == 'sdlora (protocol="offline.json", img_size=112, skip_mode="reuse", ...)'
 
 
+def test_a_key_only_one_run_sets_names_it_before_keys_in_config_order():
+    from utils.report import Run, label_runs
+    base = {"model_name": "sdlora", "seed": 1, "lrate": 0.01, "growth_schedule": None, "skip_mode": "none",
+            "novelty_threshold": None, "head": None}
+    runs = [Run(Path("sd"), dict(base), {}),
+            Run(Path("even"), dict(base, growth_schedule=[0, 5], skip_mode="reuse"), {}),
+            Run(Path("nov"), dict(base, skip_mode="reuse", novelty_threshold=0.05), {}),
+            Run(Path("best"), dict(base, growth_schedule=[0, 5], skip_mode="reuse", novelty_threshold=0.05,
+                                   head="ridge"), {})]
+    label_runs(runs)
+    assert runs[3].label.startswith('sdlora (head="ridge"')  # the others differ from each other in the first keys
+    assert len({r.label for r in runs}) == 4
+
+
 # ---- tasks counted: stopped runs and repeated seeds are not averaged as seeds (issue 40) ----------------------
 def _copy_cut(run: Path, dst: Path, n: int, planned: bool = True) -> Path:
     """A copy of a run folder as if it had stopped after n tasks (metrics.json cut); planned False: as a run made

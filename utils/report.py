@@ -152,15 +152,31 @@ def load_run(path) -> Run:
 
 
 def label_runs(runs: list[Run]) -> None:
-    """Label = method, plus the config keys in which it differs from other runs of the same method, in the
-    order config.json lists them (the schema's: run, data, backbone, optimisation, the method's own keys)."""
+    """Label = method, plus the config keys in which it differs from other runs of the same method: first the few
+    that tell it from every other (``_telling_keys``), then the rest in the order config.json lists them (the
+    schema's: run, data, backbone, optimisation, the method's own keys); three at most."""
     for r in runs:
         same = [o for o in runs if o.method == r.method and o is not r]
         order = list(dict.fromkeys([*r.config, *(k for o in same for k in o.config)]))
-        keys = [k for k in order if k not in NOT_EXPERIMENT
-                and any(_shown(k, r.config.get(k)) != _shown(k, o.config.get(k)) for o in same)]
+        differs = {k: {i for i, o in enumerate(same) if _shown(k, r.config.get(k)) != _shown(k, o.config.get(k))}
+                   for k in order if k not in NOT_EXPERIMENT}
+        telling = _telling_keys(differs, len(same))
+        keys = telling + [k for k in differs if differs[k] and k not in telling]
         extra = ", ".join(f"{k}={json.dumps(_shown(k, r.config.get(k)))}" for k in keys[:3])
         r.label = r.method + (f" ({extra}{', ...' if len(keys) > 3 else ''})" if extra else "")
+
+
+def _telling_keys(differs: dict[str, set[int]], n_others: int) -> list[str]:
+    """Few keys that tell a run from each other run of its method: greedily the key that tells it from the most
+    runs not yet told apart (ties: the config's order), so a key set by one run alone (its ``head``) names it."""
+    left, keys = set(range(n_others)), []
+    while left:
+        best = max(differs, key=lambda k: len(differs[k] & left), default=None)
+        if best is None or not differs[best] & left:
+            break  # runs with the same experiment keys: nothing tells them apart
+        keys.append(best)
+        left -= differs[best]
+    return keys
 
 
 def _shown(key: str, value):
