@@ -87,6 +87,15 @@ def replay(F: dict, view: str, sizes: list[int], seed: int, M: int, rules: list[
     return acc
 
 
+def _fixed(rule: str) -> bool:
+    """Whether ``rule`` is ``fixed:X`` with X a number."""
+    head, _, value = rule.partition(":")
+    try:
+        return head == "fixed" and float(value) >= 0
+    except ValueError:
+        return False
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", type=Path)
@@ -96,8 +105,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     for rule in args.rules:
-        if rule not in ("task", "seen", "max_first") and not rule.startswith("fixed:"):
-            raise SystemExit(f"--rules: unknown rule {rule!r} (task, seen, max_first, fixed:X)")
+        if rule not in ("task", "seen", "max_first") and not _fixed(rule):
+            raise SystemExit(f"--rules: unknown rule {rule!r} (task, seen, max_first, fixed:X with X a number)")
     cache = args.run_dir / "head_features.safetensors"
     if not cache.is_file():
         raise SystemExit(f"{cache} not found: run python benchmarks/heads.py {args.run_dir} first (it caches it)")

@@ -193,9 +193,13 @@ def _experiment_key(run: Run) -> str:
 
 
 # ---- figures --------------------------------------------------------------------------------------
+#: Up to this many tasks a figure's task axis has a tick per task and the accuracy matrix a number per cell.
+EVERY_TASK = 20
+
+
 def _task_ticks(ax, T: int, axis: str = "x") -> None:
-    """A tick per task up to 20 tasks, past that every 5th (or 10th past 100): 50 labels do not fit."""
-    step = 1 if T <= 20 else 5 if T <= 100 else 10
+    """A tick per task up to EVERY_TASK tasks, past that every 5th (or 10th past 100): 50 labels do not fit."""
+    step = 1 if T <= EVERY_TASK else 5 if T <= 100 else 10
     (ax.set_xticks if axis == "x" else ax.set_yticks)(range(0, T, step))
 
 
@@ -204,14 +208,15 @@ def plot_accuracy_matrix(run: Run, out: Path) -> Path:
     m = np.full((T, T), np.nan)
     for t, row in enumerate(run.metrics["accuracy_matrix"]):
         m[t, :len(row)] = row
-    cells = min(T, 20)  # past 20 tasks the figure stops growing and the cells lose their numbers
+    cells = min(T, EVERY_TASK)  # past EVERY_TASK tasks the figure stops growing and the cells lose their numbers
     fig, ax = plt.subplots(figsize=(max(4.5, 0.62 * cells + 2.2), max(3.8, 0.55 * cells + 1.6)))
     im = ax.imshow(m, cmap="viridis", vmin=0, vmax=100)
-    size = 10 if T <= 10 else max(5, 10 - (T - 10) // 3)
-    for t in range(T if T <= 20 else 0):
-        for j in range(t + 1):
-            ax.text(j, t, f"{m[t, j]:.0f}", ha="center", va="center", fontsize=size,
-                    color="white" if m[t, j] < 60 else "black")
+    if T <= EVERY_TASK:
+        size = 10 if T <= 10 else 10 - (T - 10) // 3
+        for t in range(T):
+            for j in range(t + 1):
+                ax.text(j, t, f"{m[t, j]:.0f}", ha="center", va="center", fontsize=size,
+                        color="white" if m[t, j] < 60 else "black")
     _task_ticks(ax, T)
     _task_ticks(ax, T, "y")
     ax.set_xlabel("test images of task j")
