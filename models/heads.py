@@ -6,7 +6,7 @@ classify from them:
 
 - ``"ncm"``: nearest class mean by cosine (SimpleCIL; LoRA-, EASE).
 - ``"ridge"``: RanPAC's ridge classifier over h = relu(f W_rand): G = sum h h^T, Q = sum h y^T, W_o = (G + l I)^-1 Q,
-  the ridge l chosen on each task's own images (McDonnell et al., 2023).
+  the ridge l chosen on each task's own images (McDonnell et al., 2023), or the same at every task (``ranpac_ridge``).
 - ``"aligned"``: classifier alignment (SLCA, MOS): after each task the linear head is trained again on samples
   drawn from every class's Gaussian N(mu_c, Sigma_c).
 
@@ -317,8 +317,8 @@ class RidgeHead(StatsHead):
         h, y = self.project(features[order]), labels[order]
         self.Q = torch.cat([self.Q, self.Q.new_zeros(self.Q.shape[0], classes.stop - self.Q.shape[1])], 1)
         accumulate(self.G, self.Q, h, y)
-        ridge, _ = choose_ridge(h, y - classes.start, len(classes))
-        self.ridges.append(ridge)
+        fixed = getattr(self.cfg, "ranpac_ridge", None)
+        self.ridges.append(float(fixed) if fixed is not None else choose_ridge(h, y - classes.start, len(classes))[0])
 
     def refit(self, task: int) -> None:
         self.W_o = solve(self.G, self.Q, self.ridges[-1]).float()
@@ -555,8 +555,9 @@ def _log_ridge(name: str, task: int, head: RidgeHead) -> None:
     """The ridge the search chose, and the one the solve used where ``stable_ridge`` raised it."""
     chosen, used = head.ridges[-1], stable_ridge(head.G, head.ridges[-1])
     raised = f", solved with {used:.3g} (stable_ridge: G has fewer images than rows)" if used > chosen else ""
-    logging.getLogger("cl").info(f"{name}, task {task}: ridge {chosen:g} (validation on 20 % of the task's "
-                                 f"images){raised}")
+    how = "ranpac_ridge" if getattr(head.cfg, "ranpac_ridge", None) is not None else \
+        "validation on 20 % of the task's images"
+    logging.getLogger("cl").info(f"{name}, task {task}: ridge {chosen:g} ({how}){raised}")
 
 
 def save_state(learner, task: int) -> None:

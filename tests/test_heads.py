@@ -63,6 +63,22 @@ def test_ridge_is_the_closed_form_over_every_image():
     assert lam == choose_ridge(torch.relu(f2[order] @ random_projection(8, 32, 3)), y2[order] - 4, 2)[0]
 
 
+def test_ranpac_ridge_fixes_every_tasks_ridge():
+    """ranpac_ridge: the ridge at every task, no search; the fit is the closed form at that ridge."""
+    class Fixed(_Cfg):
+        ranpac_ridge = 0.37
+    h, searched = RidgeHead(8, 3, torch.device("cpu"), Fixed), RidgeHead(8, 3, torch.device("cpu"), _Cfg)
+    data = _tasks()
+    for t, (f, y, cls) in enumerate(data):
+        h.observe(t, f, y, cls)
+        searched.observe(t, f, y, cls)
+    assert h.ridges == [0.37] * 3 and searched.ridges != h.ridges  # the search chose otherwise
+    H = torch.relu(torch.cat([d[0] for d in data]) @ random_projection(8, 32, 3)).double()
+    Y = torch.nn.functional.one_hot(torch.cat([d[1] for d in data]), 6).double()
+    W = torch.linalg.solve(H.t() @ H + 0.37 * torch.eye(32, dtype=torch.float64), H.t() @ Y)
+    assert torch.allclose(h.W_o.double(), W.t(), rtol=1e-4, atol=1e-6)
+
+
 def test_solve_of_a_singular_G_at_a_tiny_ridge_is_the_minimum_norm_fit():
     """G of fewer images than rows with large eigenvalues (as relu(f W_rand) gives): at ridge 1e-8 a plain solve is
     rounding noise; ``solve`` raises the ridge to ``stable_ridge`` and equals the dual fit H^T (H H^T + l I)^-1 Y."""
@@ -245,11 +261,20 @@ def test_linear_default_is_the_unset_head(tiny, tmp_path):
     (dict(head="ncm", first_session_head="ridge"), "'first_session_head' adds its logits to a ridge head's"),
     (dict(model_name="inflora", head="ridge", first_session_head="ridge"), "inflora folds every task"),
     (dict(head="feature_ridge", first_session_head="ncm"), "first_session_head"),
+    (dict(head="feature_ridge", ranpac_ridge=1e6), "'ranpac_ridge' only applies"),
+    (dict(head="ridge", ranpac_ridge=0), "ranpac_ridge"),
+    (dict(head="ridge", ranpac_ridge=float("inf")), "ranpac_ridge"),
 ])
 def test_bad_head_keys_are_refused(tiny, bad, says):
     from utils.config import ConfigError, build_config
     with pytest.raises(ConfigError, match=says):
         build_config(dict(tiny, **bad))
+
+
+def test_ranpac_ridge_is_taken_by_a_first_session_ridge_head(tiny):
+    from utils.config import build_config
+    cfg = build_config(dict(tiny, head="feature_ridge", first_session_head="ridge", ranpac_ridge=1e3))
+    assert cfg.ranpac_ridge == 1e3
 
 
 def test_frozen_old_alphas_keep_their_values(tiny, tmp_path):

@@ -21,11 +21,12 @@ def _cross_checks(cfg: Config, raw: dict) -> list[str]:
 def _head_checks(cfg: Config, raw: dict) -> list[str]:
     """The statistics heads' keys apply only under the head that reads them (models/heads.py)."""
     errs, d, head = [], DEFAULTS, cfg.head_kind
-    own = {"ranpac_dim": ("ridge",), "drift_compensation": ("ncm", "feature_ridge", "aligned"),
-           "align_samples": ("aligned",), "align_epochs": ("aligned",), "align_lr": ("aligned",),
-           "align_temperature": ("aligned",)}
+    own = {"ranpac_dim": ("ridge",), "ranpac_ridge": ("ridge",),
+           "drift_compensation": ("ncm", "feature_ridge", "aligned"), "align_samples": ("aligned",),
+           "align_epochs": ("aligned",), "align_lr": ("aligned",), "align_temperature": ("aligned",)}
     for key, heads in own.items():
-        used = {head, cfg.first_session_head} if key == "ranpac_dim" else {head}  # a first-session ridge's M too
+        # a first-session ridge head reads ranpac_dim and ranpac_ridge too
+        used = {head, cfg.first_session_head} if key in ("ranpac_dim", "ranpac_ridge") else {head}
         if not used & set(heads) and raw.get(key, getattr(d, key)) != getattr(d, key):
             errs.append(f"config key '{key}' only applies with \"head\": " + " or ".join(f'"{h}"' for h in heads)
                         + f" (the head here is \"{head}\"); remove it or set head")

@@ -36,6 +36,10 @@ def _positive(v) -> Optional[str]:
     return None if v is None or v > 0 else "must be > 0"
 
 
+def _positive_finite(v) -> Optional[str]:
+    return None if v is None or 0 < v < float("inf") else "must be a number > 0 (and finite)"
+
+
 def _non_negative(v) -> Optional[str]:
     return None if v is None or v >= 0 else "must be >= 0"
 
@@ -275,6 +279,10 @@ class Config:
         "method's own (linear; simplecil ncm; ranpac ridge)")
     ranpac_dim: int = _key(10000, "head \"ridge\": M, the random projection's width (RanPAC's default 10,000); "
                            "G is M x M float64", check=_positive)
+    ranpac_ridge: Optional[float] = _key(
+        None, "head \"ridge\" (or first_session_head \"ridge\"): the ridge l at every task; null: each task's "
+        "own, chosen as RanPAC does on that task's images (80 % fit, 20 % scored, 1e-8 .. 1e8), which on long "
+        "streams of small tasks picks ridges that dent A_t (docs/long_streams.md)", check=_positive_finite)
     drift_compensation: Literal["none", "sdc", "linear"] = _key(
         "none", "heads \"ncm\", \"feature_ridge\" and \"aligned\": move the old classes' statistics by the drift the "
         "current task's images show between the backbone before the task and after it: \"sdc\" (each old mean by the "
