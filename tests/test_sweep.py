@@ -124,6 +124,22 @@ def test_bad_options_are_refused_with_exit_2(tmp_path, capsys):
         assert needle in capsys.readouterr().err
 
 
+def test_the_driver_checks_the_configs_in_a_child_and_never_imports_torch(tmp_path):
+    """The driver waits beside its runs for hours: the configs are checked in a child (torch and every method,
+    400 MB), with the child's error raised as the driver's own."""
+    import subprocess
+    good = {"name": "a", "config": "exps/demo.json", "overrides": SMALL}
+    bad = {"name": "b", "config": "exps/demo.json", "overrides": {"lrat": 1}}
+    probe = ("import sys; from utils.sweep.cli import run; code = run(sys.argv[1:]); "
+             "print('exit', code, 'torch' in sys.modules)")
+    for rows, says, code in (([good], "", 0), ([good, bad], "row 'b' (run b): unknown config key 'lrat'", 2)):
+        f = str(write(tmp_path, {"rows": rows}))
+        done = subprocess.run([sys.executable, "-c", probe, f, "--executor", "dry",
+                               "--log_dir", str(tmp_path / "logs")], capture_output=True, text=True, cwd=ROOT)
+        assert done.stdout.strip().endswith(f"exit {code} False"), (done.stdout, done.stderr)
+        assert says in done.stderr
+
+
 # ---- the planner --------------------------------------------------------------------------------------------
 def test_the_planner_reads_each_run_state_from_its_run_folder(tmp_path):
     rows = [{"name": n, "config": "exps/demo.json", "seeds": [1]} for n in ("done", "stopped", "new", "short",

@@ -1,19 +1,22 @@
 """torchrun support: one process per device, gradients averaged by DistributedDataParallel.
 
 Outside torchrun (no WORLD_SIZE in the environment) every helper is a no-op for one process, so the
-single-process path has no distributed code in it. Rank 0 alone writes files and logs.
+single-process path has no distributed code in it. Rank 0 alone writes files and logs. torch is imported where a
+helper needs it, so that the file helpers built on ``is_main`` (utils/io.py) cost a process without torch (the sweep
+driver) nothing.
 """
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
-from typing import Any
-
-import torch
-import torch.distributed as dist
-from torch import nn
+from typing import TYPE_CHECKING, Any, Optional
 
 from utils.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def launched() -> bool:
@@ -21,23 +24,30 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _group() -> Optional[Any]:
+    """torch.distributed where its process group is up, else None (a process that never imported it has none)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def init(device_type: str) -> None:
     """Join the process group torchrun describes: nccl on GPUs, gloo on CPU."""
+    import torch.distributed as dist
     if launched() and not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=30))
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
+    if (dist := _group()) is not None:
         dist.destroy_process_group()
 
 
 def world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return dist.get_world_size() if (dist := _group()) is not None else 1
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if (dist := _group()) is not None else 0
 
 
 def is_main() -> bool:
@@ -50,7 +60,7 @@ def local_rank() -> int:
 
 def barrier() -> None:
     if world() > 1:
-        dist.barrier()
+        _group().barrier()
 
 
 def broadcast(obj: Any) -> Any:
@@ -58,7 +68,7 @@ def broadcast(obj: Any) -> Any:
     if world() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    _group().broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -67,13 +77,14 @@ def gather(obj: Any) -> list:
     if world() == 1:
         return [obj]
     out = [None] * world()
-    dist.all_gather_object(out, obj)
+    _group().all_gather_object(out, obj)
     return out
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
     """The sum over ranks of a tensor (in place, returned)."""
     if world() > 1:
+        dist = _group()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
@@ -95,6 +106,7 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
 def resolve_device(spec) -> torch.device:
     """'auto', 'cpu', 'cuda', 'cuda:N', or the field's ["0"]; a missing GPU is an error, not a fallback.
     Under torchrun each process takes the GPU of its LOCAL_RANK ('auto' or 'cuda')."""
+    import torch
     if launched():
         if spec not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"config key 'device' = {spec!r} under torchrun: use \"auto\", \"cuda\" (each process "

@@ -8,12 +8,12 @@ import socket
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Optional
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from utils import dist
+
+if TYPE_CHECKING:  # torch is imported where tensors are written or read: run folders are read without it (sweeps)
+    import torch
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -93,6 +93,7 @@ def save_json(path: Path, obj: Any) -> None:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Tensors to a .safetensors file (contiguous CPU copies), atomically."""
+    from safetensors.torch import save_file
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
 
@@ -104,6 +105,7 @@ class CheckpointError(ValueError):
 def load_tensors(path: Path, prefixes: Optional[tuple[str, ...]] = None) -> dict[str, torch.Tensor]:
     """Read a .safetensors file (with ``prefixes``, only the tensors whose names start with one of them: the rest
     is not read), with an error that names the file when it is missing or corrupt."""
+    from safetensors.torch import load_file
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist (was the run made with save_adapters false?)")
@@ -122,7 +124,7 @@ def read_metadata(path: Path) -> dict[str, str]:
     the header is damaged or the file is shorter than the header says."""
     from safetensors import safe_open
     try:
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "np") as f:  # the header alone: no framework's tensors, so no torch import
             return dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"checkpoint '{path}' is corrupt or not a safetensors file ({e}); restore it from a "
@@ -131,6 +133,7 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 def save_torch(path: Path, obj: Any) -> None:
     """torch.save of plain tensors / dicts of tensors (never modules), atomically."""
+    import torch
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 

@@ -14,7 +14,9 @@ import itertools
 import json
 import os
 import re
-from dataclasses import dataclass, field
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -245,7 +247,41 @@ def check_cycles(runs: list[Run]) -> None:
 
 def check_configs(runs: list[Run], extra: dict) -> None:
     """Each run's config as main.py will build it (file, protocol, overrides, seed, the command line's extra
-    overrides): an unknown key, a bad value or a missing file stops the sweep here, naming the row."""
+    overrides): an unknown key, a bad value or a missing file stops the sweep here, naming the row. The schema
+    needs every method (and so torch: 400 MB a process); a process without them checks in a child, so that the
+    sweep's driver, which waits beside its runs, never holds them."""
+    if "torch" in sys.modules:
+        check_configs_here(runs, extra)
+    else:
+        check_configs_in_child(runs, extra)
+
+
+def check_configs_in_child(runs: list[Run], extra: dict) -> None:
+    """``check_configs`` in a child Python (``check_stdin``): its SweepError raised here."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    payload = json.dumps({"runs": [asdict(r) for r in runs], "extra": extra})
+    done = subprocess.run([sys.executable, "-c", "from utils.sweep.spec import check_stdin; check_stdin()"],
+                          input=payload, capture_output=True, text=True, env=env)
+    if done.returncode == 2:
+        raise SweepError(done.stdout.strip())
+    if done.returncode != 0:
+        raise SweepError(f"checking the rows' configs failed in its child process: {done.stderr.strip()[-2000:]}")
+
+
+def check_stdin() -> None:
+    """The child of ``check_configs_in_child``: runs and extra overrides as JSON on stdin; a SweepError's message
+    on stdout with exit status 2."""
+    given = json.load(sys.stdin)
+    try:
+        check_configs_here([Run(**r) for r in given["runs"]], given["extra"])
+    except SweepError as e:
+        print(e)
+        sys.exit(2)
+
+
+def check_configs_here(runs: list[Run], extra: dict) -> None:
+    """``check_configs`` in this process."""
     import models  # noqa: F401  (every method registers its keys: the schema reads them)
     from utils.config import ConfigError, load_config
     seen: dict[str, None] = {}
