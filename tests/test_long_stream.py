@@ -110,13 +110,14 @@ def test_the_long_sweep_plans_its_rows_with_schedules_evenly_spaced_over_the_pro
     monkeypatch.chdir(ROOT)
     sweep = read_sweep("exps/sweeps/long.json", sets={"PROTOCOL": protocol})  # every row's config checked too
     runs = {r.id: r for r in sweep.runs}
-    rows = ["sdlora", "even3", "even5", "even8", "novelty", "ranpac_fsa", "best_lora"]
+    rows = ["sdlora", "even3", "even5", "even8", "novelty", "ranpac_fsa", "ranpac_fsa_r1e6", "best_lora"]
     assert list(runs) == [f"{protocol}_{row}_{seed}" for seed in (1993, 1994) for row in rows]
     for n in (3, 5, 8):  # adapter i at task floor(i T / n), as need.json and curve.json space them on 10 tasks
         run = runs[f"{protocol}_even{n}_1993"]
         assert run.overrides["growth_schedule"] == [i * tasks // n for i in range(n)]
         assert run.overrides["skip_mode"] == "reuse" and run.protocol == f"exps/protocols/{protocol}.json"
     assert runs[f"{protocol}_ranpac_fsa_1994"].overrides["first_session_adapt"] is True
+    assert runs[f"{protocol}_ranpac_fsa_r1e6_1994"].overrides["ranpac_ridge"] == 1e6
     assert runs[f"{protocol}_best_lora_1993"].config == "exps/best_lora_c100.json"
 
 
@@ -138,7 +139,7 @@ def test_run_sh_long_dry_lists_the_runs_and_starts_nothing(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if line.startswith("=== ")]
-    assert len(lines) == 7 and all("--protocol exps/protocols/quick_20.json" in line for line in lines)
+    assert len(lines) == 8 and all("--protocol exps/protocols/quick_20.json" in line for line in lines)
     assert "=== quick_20_even5_1993 [ready]" in out.stdout and "--growth_schedule '[0,4,8,12,16]'" in out.stdout
     assert not (tmp_path / "logs").exists()
 
