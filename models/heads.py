@@ -552,11 +552,11 @@ def take_task(learner, dm, task: int, before: Optional[torch.Tensor]) -> dict:
 
 
 def _log_ridge(name: str, task: int, head: RidgeHead) -> None:
-    """The ridge the search chose, and the one the solve used where ``stable_ridge`` raised it."""
+    """The task's ridge (searched, or ``ranpac_ridge``), and the one the solve used where ``stable_ridge`` raised it."""
     chosen, used = head.ridges[-1], stable_ridge(head.G, head.ridges[-1])
     raised = f", solved with {used:.3g} (stable_ridge: G has fewer images than rows)" if used > chosen else ""
-    how = "ranpac_ridge" if getattr(head.cfg, "ranpac_ridge", None) is not None else \
-        "validation on 20 % of the task's images"
+    fixed = getattr(head.cfg, "ranpac_ridge", None) is not None
+    how = "ranpac_ridge" if fixed else "validation on 20 % of the task's images"
     logging.getLogger("cl").info(f"{name}, task {task}: ridge {chosen:g} ({how}){raised}")
 
 
