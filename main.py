@@ -149,7 +149,6 @@ def _train_new(cfg: Config, seed: int, data, device: torch.device, run_dir: Path
     except INPUT_ERRORS:
         discard(run_dir)
         raise
-    learner.book.tasks_planned = dm.n_tasks  # metrics.json says how many tasks the run is to train (--report)
     learner.run(dm)
     log.info(f"Done: {learner.headline()}; results in {run_dir}")
     if not cfg.pretrained:
@@ -260,7 +259,6 @@ def _prepare(run_dir: Path, cfg: Config, device: torch.device, metrics: dict | N
     if done > 0:
         learner.restore(dm, done - 1)  # CheckpointError when they do not fit config.json
         learner.load_metrics(metrics)
-    learner.book.tasks_planned = dm.n_tasks
     return learner, dm
 
 

@@ -402,6 +402,7 @@ class Learner:
     # ---- the task loop ---------------------------------------------------------------------------
     def run(self, dm: DataManager, start: int = 0) -> dict:
         """Train and evaluate tasks ``start``..end; metrics.json and checkpoints after every task."""
+        self.book.tasks_planned = dm.n_tasks  # metrics.json says how many tasks the run is to train (--report)
         try:
             for task in range(start, dm.n_tasks):
                 self._run_task(dm, task)
