@@ -307,6 +307,12 @@ class RidgeHead(StatsHead):
         logging.getLogger("cl").info(f"ridge head: M = {M}, G holds {8 * M * M / 2**20:,.0f} MB (float64) on "
                                      f"{self.device}")
 
+    @property
+    def fixed_ridge(self) -> Optional[float]:
+        """``ranpac_ridge``: the ridge at every task, or None for RanPAC's search on each task's images."""
+        fixed = getattr(self.cfg, "ranpac_ridge", None)
+        return None if fixed is None else float(fixed)
+
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return torch.relu(features.float() @ self.W_rand)
 
@@ -317,8 +323,8 @@ class RidgeHead(StatsHead):
         h, y = self.project(features[order]), labels[order]
         self.Q = torch.cat([self.Q, self.Q.new_zeros(self.Q.shape[0], classes.stop - self.Q.shape[1])], 1)
         accumulate(self.G, self.Q, h, y)
-        fixed = getattr(self.cfg, "ranpac_ridge", None)
-        self.ridges.append(float(fixed) if fixed is not None else choose_ridge(h, y - classes.start, len(classes))[0])
+        fixed = self.fixed_ridge
+        self.ridges.append(fixed if fixed is not None else choose_ridge(h, y - classes.start, len(classes))[0])
 
     def refit(self, task: int) -> None:
         self.W_o = solve(self.G, self.Q, self.ridges[-1]).float()
@@ -555,8 +561,7 @@ def _log_ridge(name: str, task: int, head: RidgeHead) -> None:
     """The task's ridge (searched, or ``ranpac_ridge``), and the one the solve used where ``stable_ridge`` raised it."""
     chosen, used = head.ridges[-1], stable_ridge(head.G, head.ridges[-1])
     raised = f", solved with {used:.3g} (stable_ridge: G has fewer images than rows)" if used > chosen else ""
-    fixed = getattr(head.cfg, "ranpac_ridge", None) is not None
-    how = "ranpac_ridge" if fixed else "validation on 20 % of the task's images"
+    how = "ranpac_ridge" if head.fixed_ridge is not None else "validation on 20 % of the task's images"
     logging.getLogger("cl").info(f"{name}, task {task}: ridge {chosen:g} ({how}){raised}")
 
 
